@@ -1,0 +1,206 @@
+"""The ftkit command line. Thin: parse, load the recipe, call one function, map errors to exit codes.
+
+Heavy imports (torch, transformers, trl) live inside the commands that need them, so
+`ftkit --help` and `ftkit validate` stay instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from ftkit import __version__
+from ftkit.errors import GateFailed, UserError, VerificationFailed
+
+app = typer.Typer(
+    name="ftkit",
+    help="Fine-tune Hugging Face causal LMs (LoRA and friends) from one YAML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe field: key.path=value (repeatable)")
+OutputOpt = typer.Option(None, "--output", "-o", help="Run dir (default: output.dir, else runs/<recipe name>)")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing non-empty run dir")
+
+
+def handle_errors(fn):
+    """Known errors become one clear message and an exit code; no traceback for bad input."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            err.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        except GateFailed as exc:
+            err.print(f"[bold red]gate failed:[/] {exc}")
+            raise typer.Exit(3) from None
+        except VerificationFailed as exc:
+            err.print(f"[bold red]verification failed:[/] {exc}")
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        print(f"ftkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit")):
+    pass
+
+
+def _load(recipe: str, overrides: Optional[List[str]], stage: str | None = None):
+    from ftkit.recipe import check_files, load_recipe
+
+    r = load_recipe(recipe, overrides)
+    if stage is not None:
+        explicit = (r._located is not None and ("stage",) in r._located.lines) or ("stage",) in r._origin
+        if explicit and r.stage != stage:
+            raise UserError(f"{r.where('stage')}: the recipe says stage: {r.stage}, but this is `ftkit {stage}`; "
+                            f"run `ftkit {r.stage} {recipe}`")
+        r.stage = stage
+    check_files(r)
+    return r
+
+
+def _train(stage: str, recipe: str, overrides, output, overwrite):
+    from ftkit.stages import sft
+
+    r = _load(recipe, overrides, stage)
+    sft.run(r, output=output, overwrite=overwrite)
+
+
+@app.command()
+@handle_errors
+def sft(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
+        output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt):
+    """Supervised fine-tuning (chat, instruction or completion data)."""
+    _train("sft", recipe, set_, output, overwrite)
+
+
+@app.command()
+@handle_errors
+def pt(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
+       output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt):
+    """Continued pretraining on raw text (loss on every token)."""
+    _train("pt", recipe, set_, output, overwrite)
+
+
+@app.command()
+@handle_errors
+def validate(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt):
+    """Check a recipe (schema, values, files) without loading any model."""
+    t0 = time.perf_counter()
+    r = _load(recipe, set_)
+    print(r.to_yaml(), end="")
+    err.print(f"[green]ok[/] {recipe} ({(time.perf_counter() - t0) * 1000:.0f} ms)")
+
+
+@app.command("merge-lora")
+@handle_errors
+def merge_lora(adapter: str = typer.Argument(..., help="Run dir or adapter dir"),
+               output: str = typer.Option(..., "--output", "-o", help="Where to write the merged model"),
+               base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the one trained on)"),
+               dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+               overwrite: bool = OverwriteOpt):
+    """Fold a LoRA adapter into its base (W0 + BA) and verify the result."""
+    from ftkit.merge import merge_lora as run_merge
+    from ftkit.ui import log
+
+    run_merge(adapter, output, base=base, dtype=dtype, overwrite=overwrite, log=log)
+
+
+@app.command()
+@handle_errors
+def generate(model: str = typer.Argument(..., help="Run dir, merged dir, model alias or hub id"),
+             prompt: List[str] = typer.Option(..., "--prompt", "-p", help="User message (repeatable)"),
+             max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+             temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)"),
+             system: Optional[str] = typer.Option(None, "--system", help="System message"),
+             base: Optional[str] = typer.Option(None, "--base", help="Base model for an adapter dir")):
+    """Generate a reply with the model's chat template (greedy by default)."""
+    from ftkit.hardware import detect
+    from ftkit.inference import generate as gen
+    from ftkit.inference import load_for_inference
+
+    if temperature == 0:
+        import torch
+
+        torch.manual_seed(0)
+    hw = detect()
+    m, tok = load_for_inference(model, dtype=hw.dtype, base=base, log=lambda s: err.print(s))
+    convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+             for p in prompt]
+    for reply in gen(m, tok, convs, max_new_tokens=max_new_tokens, temperature=temperature):
+        print(reply)
+
+
+@app.command()
+@handle_errors
+def models():
+    """Built-in model aliases and whether each is cached locally."""
+    from rich.table import Table
+
+    from ftkit.models import ALIASES, ftkit_home, is_cached
+
+    table = Table(title=f"model aliases (FTKIT_HOME={ftkit_home()})")
+    for col in ("alias", "params", "license", "source", "cached"):
+        table.add_column(col)
+    for a in ALIASES.values():
+        where = is_cached(a.name)
+        table.add_row(a.name, a.params, a.license, f"{a.hub_id} (or PyPI {a.pypi})", where or "no (fetched on first use)")
+    Console().print(table)
+
+
+@app.command()
+@handle_errors
+def env():
+    """Versions, device and the precision ftkit would pick (paste this into bug reports)."""
+    import platform
+
+    from ftkit.hardware import detect
+    from ftkit.stages.common import env_versions
+
+    hw = detect()
+    print(f"python: {platform.python_version()} ({sys.platform})")
+    for k, v in env_versions().items():
+        print(f"{k}: {v or 'not installed'}")
+    print(f"device: {hw.device} ({hw.device_name}), gpus: {hw.num_gpus}, threads: {hw.threads}")
+    print(f"precision: {hw.dtype} ({hw.dtype_reason})")
+
+
+@app.command()
+@handle_errors
+def quickstart(output: str = typer.Option("runs/quickstart", "--output", "-o"),
+               recipe: Optional[str] = typer.Option(None, "--recipe", help="Default: recipes/quickstart.yaml"),
+               set_: Optional[List[str]] = SetOpt):
+    """Fine-tune the embedded model on the bundled task and show base vs tuned answers."""
+    from ftkit import quickstart as qs
+
+    qs.run(recipe, output=output, overrides=set_)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

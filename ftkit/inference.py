@@ -1,0 +1,97 @@
+"""Load what training produced (run dir, adapter dir, merged dir, or any base model) and generate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from ftkit.errors import UserError
+from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def adapter_base_name(adapter_dir: Path) -> str:
+    """The base an adapter was trained on: the run's recipe (keeps aliases/gguf), else the adapter config."""
+    recipe = adapter_dir / "recipe.yaml"
+    if recipe.is_file():
+        data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+        name = (data.get("model") or {}).get("name")
+        if name:
+            return name
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    name = cfg.get("base_model_name_or_path")
+    if not name:
+        raise UserError(f"{adapter_dir}: the adapter does not name its base model; pass --base")
+    return name
+
+
+def run_trust_remote_code(run_dir: Path) -> bool:
+    recipe = run_dir / "recipe.yaml"
+    if recipe.is_file():
+        data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+        return bool((data.get("model") or {}).get("trust_remote_code", False))
+    return False
+
+
+def load_for_inference(target: str, dtype: str = "float32", base: str | None = None, log=print):
+    """(model, tokenizer) for a run/adapter dir (base + adapter), a merged/HF dir, an alias or a hub id."""
+    path = Path(target).expanduser()
+    if path.is_dir() and is_adapter_dir(path):
+        from peft import PeftModel
+
+        trust = run_trust_remote_code(path)
+        base_dir = resolve_model(base or adapter_base_name(path), log=log)
+        model = load_causal_lm(base_dir, dtype, trust_remote_code=trust)
+        model = PeftModel.from_pretrained(model, str(path))
+        tok_src = str(path) if (path / "tokenizer_config.json").is_file() else base_dir
+        tok = load_tokenizer(tok_src, trust)
+    else:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{target}: expected a run dir, a model dir or a model name")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise UserError(f"{target}: neither a run dir (adapter_config.json) nor a model dir (config.json)")
+        src = resolve_model(target, log=log)
+        trust = run_trust_remote_code(path) if path.is_dir() else False
+        model = load_causal_lm(src, dtype, trust_remote_code=trust)
+        tok = load_tokenizer(src, trust)
+    model.eval()
+    return model, tok
+
+
+def render_prompt(tok, messages: list[dict]) -> str:
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # No template (a raw base model): plain text continuation.
+    return "\n".join(m["content"] for m in messages)
+
+
+def generate(model, tok, prompts: list[list[dict]] | list[str], max_new_tokens: int = 128,
+             temperature: float = 0.0, batch_size: int = 8) -> list[str]:
+    """Greedy by default (deterministic). Each prompt is a message list or a plain user string."""
+    import torch
+
+    texts = [render_prompt(tok, [{"role": "user", "content": p}] if isinstance(p, str) else p) for p in prompts]
+    side = tok.padding_side
+    tok.padding_side = "left"  # decoder-only batches must end where generation starts
+    outs: list[str] = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i : i + batch_size]
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            if temperature > 0:
+                kw.update(do_sample=True, temperature=temperature)
+            else:
+                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            with torch.no_grad():
+                gen = model.generate(**enc, **kw)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            outs += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tok.padding_side = side
+    return outs

@@ -1,0 +1,297 @@
+"""The recipe schema (single source of truth) and its loader.
+
+Errors point at the recipe's file:line: the YAML is composed once with SafeLoader to
+record where each key sits, then loaded with yaml.safe_load for the values.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from ftkit.errors import UserError
+
+STAGES = ("sft", "pt")
+
+
+class _Strict(BaseModel):
+    # Misspelled keys are errors, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Strict):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="built-in alias, hub id, local HF dir, or path to a .gguf file",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto picks from the hardware: fp32 on CPUs without bf16, bf16/fp16 on GPUs"
+    )
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="run code shipped with a hub model; off unless asked")
+    attn_implementation: str | None = Field(None, description="eager | sdpa | flash_attention_2 ... (None: transformers' default)")
+
+
+class MethodSection(_Strict):
+    type: Literal["lora"] = Field("lora", description="PEFT method")
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    target_modules: Union[Literal["auto", "all-linear"], list[str]] = Field(
+        "auto", description="auto (attention + MLP projections), all-linear, or a list of module names"
+    )
+
+
+class DataSection(_Strict):
+    train: Union[str, list[str], None] = Field(None, description="file(s): .json, .jsonl, .csv, .parquet, .txt")
+    eval: Union[str, list[str], None] = Field(None, description="held-out file(s); else eval_split of train")
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "completion", "text"] = Field(
+        "auto", description="row format; auto detects from the columns"
+    )
+    columns: dict[str, str] = Field(default_factory=dict, description="map the format's column names to yours")
+    eval_split: float = Field(0.0, ge=0, lt=1, description="fraction of train held out for eval when no eval file")
+    max_length: int = Field(1024, gt=8, description="tokens per sample; longer samples are truncated")
+    train_on: Literal["responses", "all"] = Field(
+        "responses", description="loss on assistant replies only (every turn), or on every token"
+    )
+    system: str | None = Field(None, description="system prompt added to rows that have none")
+    template: str | None = Field(
+        None, description="chat template override: chatml | alpaca | a Jinja string (default: the tokenizer's)"
+    )
+    packing: bool = Field(False, description="pack several samples per row (TRL packing)")
+
+
+class TrainSection(_Strict):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
+    learning_rate: float = Field(2.0e-4, gt=0)
+    batch_size: int = Field(4, gt=0, description="per-device batch size")
+    grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: str = Field("adamw_torch", description="transformers optimizer name")
+    seed: int = 42
+    logging_steps: int = Field(1, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (default: at the end)")
+    activation_checkpointing: Union[Literal["auto"], bool] = Field(
+        "auto", description="trade compute for memory; auto: off on CPU, off on GPU unless asked"
+    )
+    num_threads: int | None = Field(None, gt=0, description="CPU threads (default: all cores)")
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        known = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+        if v not in known:
+            raise ValueError(f"unknown scheduler {v!r}; one of: {', '.join(known)}")
+        return v
+
+
+class OutputSection(_Strict):
+    dir: str | None = Field(None, description="run dir (default: runs/<recipe name>)")
+
+
+class Recipe(_Strict):
+    stage: Literal[STAGES] = Field("sft", description="training stage")  # type: ignore[valid-type]
+    model: ModelSection = Field(default_factory=ModelSection)
+    method: MethodSection = Field(default_factory=MethodSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    _source: str | None = PrivateAttr(None)
+    _located: Any = PrivateAttr(None)
+    _origin: dict = PrivateAttr(default_factory=dict)
+
+    def where(self, *path: Any) -> str:
+        """'file:line' (or the --set item) for a field path, for error messages."""
+        if path in self._origin:
+            return self._origin[path]
+        line = self._located.line_of(path) if self._located is not None else None
+        src = self._source or "recipe"
+        return f"{src}:{line}" if line else src
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+class _Located:
+    """Where each key path of a YAML document sits: path tuple -> line (1-based)."""
+
+    def __init__(self, text: str):
+        self.lines: dict[tuple, int] = {}
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            self._walk(node, ())
+
+    def _walk(self, node: yaml.Node, path: tuple) -> None:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = path + (key.value,)
+                self.lines[sub] = key.start_mark.line + 1
+                self._walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._walk(item, path + (i,))
+
+    def line_of(self, path: tuple) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get(())
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key.path=value, e.g. --set train.epochs=1")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {item!r}: empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict[tuple, str]:
+    """Apply --set items in place; returns path -> the --set text, for error messages."""
+    origin: dict[tuple, str] = {}
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {item!r}: {k!r} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+        origin[tuple(keys)] = f"--set {item}"
+    return origin
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names valid at a location, for 'did you mean'."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError, where: str, located: _Located | None, origin: dict) -> str:
+    out = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if loc in origin:
+            place = origin[loc]
+        elif located is not None and located.line_of(loc):
+            place = f"{where}:{located.line_of(loc)}"
+        else:
+            place = where
+        if e["type"] == "extra_forbidden":
+            parent, key = loc[:-1], str(loc[-1])
+            choices = _fields_at(parent)
+            close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+            hint = f"; did you mean {'.'.join(map(str, parent + (close[0],)))!r}?" if close else ""
+            valid = f" Valid keys here: {', '.join(choices)}." if choices else ""
+            out.append(f"{place}: unknown key {dotted!r}{hint}{valid}")
+        else:
+            got = e.get("input")
+            got_txt = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+            msg = e["msg"]
+            if e["type"] == "literal_error":
+                msg = msg.replace("Input should be", "must be one of:")
+            out.append(f"{place}: {dotted}: {msg}{got_txt}")
+    return "\n".join(out)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises UserError with file:line on bad input."""
+    data: Any = {}
+    located = None
+    where = "recipe"
+    if path is not None:
+        p = Path(path)
+        where = str(path)
+        if not p.is_file():
+            raise UserError(f"recipe not found: {path}")
+        text = p.read_text(encoding="utf-8")
+        try:
+            located = _Located(text)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UserError(f"{where}{line}: not valid YAML: {problem}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise UserError(f"{where}:1: a recipe is a mapping of sections (stage, model, method, data, train, output)")
+    origin = apply_overrides(data, overrides or [])
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_format_errors(err, where, located, origin)) from None
+    recipe._source = str(path) if path is not None else None
+    recipe._located = located
+    recipe._origin = origin
+    return recipe
+
+
+def resolve_path(value: str, recipe_file: str | None) -> Path:
+    """A relative data path is looked up from the working directory, then beside the recipe."""
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists() or recipe_file is None:
+        return p
+    beside = Path(recipe_file).parent / p
+    return beside if beside.exists() else p
+
+
+def as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def check_files(recipe: Recipe) -> None:
+    """Existence checks that need no model: data files (and a local model path)."""
+    src = recipe._source
+    problems = []
+    if not as_list(recipe.data.train):
+        problems.append(f"{recipe.where('data')}: data.train: required (a data file, or a list of files)")
+    for field in ("train", "eval"):
+        value = getattr(recipe.data, field)
+        for i, item in enumerate(as_list(value)):
+            if not resolve_path(item, src).exists():
+                path = ("data", field) if isinstance(value, str) else ("data", field, i)
+                label = ".".join(map(str, path)).replace(f".{i}", f"[{i}]") if len(path) == 3 else f"data.{field}"
+                problems.append(f"{recipe.where(*path)}: {label}: file not found: {item}")
+    name = recipe.model.name
+    if (name.endswith(".gguf") or name.startswith((".", "/", "~"))) and not resolve_path(name, src).exists():
+        problems.append(f"{recipe.where('model', 'name')}: model.name: path not found: {name}")
+    if problems:
+        raise UserError("\n".join(problems))

@@ -1,0 +1,170 @@
+"""What every stage shares: hardware setup, TRL args from the recipe, progress, run-dir output."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+from ftkit.hardware import Hardware, detect
+from ftkit.recipe import Recipe
+from ftkit.ui import console, is_main_process, log, quiet_libraries
+
+
+def default_output_dir(recipe: Recipe) -> str:
+    if recipe.output.dir:
+        return recipe.output.dir
+    stem = Path(recipe._source).stem if recipe._source else recipe.stage
+    return str(Path("runs") / stem)
+
+
+def setup_hardware(recipe: Recipe) -> Hardware:
+    import torch
+
+    quiet_libraries()
+    hw = detect(recipe.model.dtype, recipe.train.num_threads)
+    if hw.device == "cpu":
+        torch.set_num_threads(hw.threads)
+    log(f"device: {hw.device_name} · precision: {hw.dtype} ({hw.dtype_reason})")
+    return hw
+
+
+def trainer_kwargs(recipe: Recipe, hw: Hardware, out_dir: Path, has_eval: bool) -> dict:
+    """TrainingArguments fields shared by every TRL config, chosen from the recipe and the hardware."""
+    t = recipe.train
+    ckpt = t.activation_checkpointing
+    if ckpt == "auto":
+        # Recompute costs ~30% more compute; only worth it when memory is the limit.
+        ckpt = False
+    return dict(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # transformers 5 takes a float < 1 as a ratio
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        bf16=hw.dtype == "bfloat16",
+        fp16=hw.dtype == "float16",
+        use_cpu=hw.device == "cpu",
+        activation_checkpointing=bool(ckpt),
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=hw.device == "cuda",
+        remove_unused_columns=False,
+    )
+
+
+def peak_memory_mb(hw: Hardware) -> float:
+    if hw.device == "cuda":
+        import torch
+
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def attach_progress(trainer, metrics_path: Path):
+    """Swap the trainer's log printer for our progress line; returns the callback (it keeps the history)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    cb = make_progress_callback(metrics_path)
+    trainer.add_callback(cb)
+    return cb
+
+
+def finish_run_dir(work: Path) -> None:
+    ckpt = work / "checkpoints"
+    if ckpt.is_dir() and not any(ckpt.iterdir()):
+        ckpt.rmdir()
+
+
+def make_progress_callback(metrics_path: Path):
+    """A rich progress line (step, loss, lr, tokens/s, ETA) and metrics.jsonl, main process only."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        def __init__(self):
+            self.progress = None
+            self.task = None
+            self.t0 = time.perf_counter()
+            self.history: list[dict] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+            if not is_main_process():
+                return
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                TimeRemainingColumn(), console=console, transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("", total=state.max_steps)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not is_main_process() or not logs:
+                return
+            elapsed = time.perf_counter() - self.t0
+            tokens = state.num_input_tokens_seen or 0
+            rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "elapsed_s": round(elapsed, 2),
+                   "tokens_seen": tokens, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            self.history.append(rec)
+            with metrics_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            if self.progress is not None and "loss" in logs:
+                tps = tokens / elapsed if elapsed > 0 else 0.0
+                self.progress.update(
+                    self.task,
+                    description=f"loss {logs['loss']:.4f} · lr {logs.get('learning_rate', 0):.2e} · {tps:,.0f} tok/s",
+                )
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.progress is not None:
+                self.progress.stop()
+
+    return RichProgress()
+
+
+def finite(x):
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def env_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("ftkit", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
