@@ -56,19 +56,22 @@ def chat_file(tmp_path) -> Path:
     return p
 
 
-def write_recipe(path: Path, model: Path | str, train: Path, **sections) -> Path:
+def write_recipe(path: Path, model: Path | str, data_path: Path, /, **sections) -> Path:
     import yaml
 
     recipe = {
         "stage": "sft",
         "model": {"name": str(model)},
         "method": {"type": "lora", "r": 4, "alpha": 8},
-        "data": {"train": str(train), "max_length": 64},
+        "data": {"train": str(data_path), "max_length": 64},
         "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1},
         "output": {"dir": str(path.parent / "run")},
     }
     for section, values in sections.items():
-        recipe.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            recipe.setdefault(section, {}).update(values)
+        else:
+            recipe[section] = values
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
 
