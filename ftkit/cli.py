@@ -189,6 +189,37 @@ def env():
 
 @app.command()
 @handle_errors
+def init(path: str = typer.Argument("recipe.yaml", help="Where to write the recipe"),
+         train: str = typer.Option("data_templates/messages.jsonl", "--train", help="Training data file"),
+         force: bool = typer.Option(False, "--force", help="Overwrite an existing file")):
+    """Write a starter recipe with every field at its default."""
+    from pathlib import Path
+
+    from ftkit.recipe import Recipe
+
+    p = Path(path)
+    if p.exists() and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+    r = Recipe()
+    r.data.train = train
+    p.write_text("# ftkit recipe: every field shown at its default. Reference: README.md#recipe-reference\n"
+                 + r.to_yaml(), encoding="utf-8")
+    err.print(f"[green]wrote[/] {path} · check it with: ftkit validate {path}")
+
+
+@app.command()
+@handle_errors
+def schema():
+    """Print the recipe's JSON schema (for editors and CI linting)."""
+    import json
+
+    from ftkit.recipe import Recipe
+
+    print(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+@app.command()
+@handle_errors
 def quickstart(output: str = typer.Option("runs/quickstart", "--output", "-o"),
                recipe: Optional[str] = typer.Option(None, "--recipe", help="Default: recipes/quickstart.yaml"),
                set_: Optional[List[str]] = SetOpt):
