@@ -30,6 +30,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe field: key.path=value (repeatable)")
 OutputOpt = typer.Option(None, "--output", "-o", help="Run dir (default: output.dir, else runs/<recipe name>)")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing non-empty run dir")
+NoCacheOpt = typer.Option(False, "--no-cache", help="Re-tokenize the data even if a cached copy exists")
 
 
 def handle_errors(fn):
@@ -81,27 +82,27 @@ def _load(recipe: str, overrides: Optional[List[str]], stage: str | None = None)
     return r
 
 
-def _train(stage: str, recipe: str, overrides, output, overwrite):
+def _train(stage: str, recipe: str, overrides, output, overwrite, no_cache: bool = False):
     from ftkit.stages import sft
 
     r = _load(recipe, overrides, stage)
-    sft.run(r, output=output, overwrite=overwrite)
+    sft.run(r, output=output, overwrite=overwrite, use_cache=not no_cache)
 
 
 @app.command()
 @handle_errors
 def sft(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
-        output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt):
+        output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt, no_cache: bool = NoCacheOpt):
     """Supervised fine-tuning (chat, instruction or completion data)."""
-    _train("sft", recipe, set_, output, overwrite)
+    _train("sft", recipe, set_, output, overwrite, no_cache)
 
 
 @app.command()
 @handle_errors
 def pt(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
-       output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt):
+       output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt, no_cache: bool = NoCacheOpt):
     """Continued pretraining on raw text (loss on every token)."""
-    _train("pt", recipe, set_, output, overwrite)
+    _train("pt", recipe, set_, output, overwrite, no_cache)
 
 
 @app.command()
@@ -227,6 +228,11 @@ def quickstart(output: str = typer.Option("runs/quickstart", "--output", "-o"),
     from ftkit import quickstart as qs
 
     qs.run(recipe, output=output, overrides=set_)
+
+
+from ftkit.commands.data import app as data_app  # noqa: E402  (typer sub-app; imports no torch)
+
+app.add_typer(data_app, name="data")
 
 
 def main():

@@ -47,14 +47,24 @@ class MethodSection(_Strict):
 
 
 class DataSection(_Strict):
-    train: Union[str, list[str], None] = Field(None, description="file(s): .json, .jsonl, .csv, .parquet, .txt")
-    eval: Union[str, list[str], None] = Field(None, description="held-out file(s); else eval_split of train")
+    train: Union[str, list[str], None] = Field(
+        None, description="source(s): .json, .jsonl, .csv, .parquet, .txt, a save_to_disk dir, or a hub dataset "
+                          "id (org/name, org/name:split); several sources are mixed"
+    )
+    eval: Union[str, list[str], None] = Field(None, description="held-out source(s); else eval_split of train")
     format: Literal["auto", "messages", "alpaca", "sharegpt", "completion", "text"] = Field(
         "auto", description="row format; auto detects from the columns"
     )
     columns: dict[str, str] = Field(default_factory=dict, description="map the format's column names to yours")
+    roles: dict[str, str] = Field(
+        default_factory=dict, description="map your role names to user | assistant | system | tool, e.g. {doctor: assistant}"
+    )
+    shuffle: bool = Field(True, description="shuffle the (mixed) training rows, deterministically by train.seed")
     eval_split: float = Field(0.0, ge=0, lt=1, description="fraction of train held out for eval when no eval file")
     max_length: int = Field(1024, gt=8, description="tokens per sample; longer samples are truncated")
+    truncation: Literal["keep_start", "keep_end"] = Field(
+        "keep_start", description="which end of a too-long sample to keep (keep_end drops the oldest turns' tokens)"
+    )
     train_on: Literal["responses", "all"] = Field(
         "responses", description="loss on assistant replies only (every turn), or on every token"
     )
@@ -62,7 +72,18 @@ class DataSection(_Strict):
     template: str | None = Field(
         None, description="chat template override: chatml | alpaca | a Jinja string (default: the tokenizer's)"
     )
-    packing: bool = Field(False, description="pack several samples per row (TRL packing)")
+    packing: bool = Field(
+        False, description="pack several samples per row of max_length tokens (TRL bfd packing, padding-free)"
+    )
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, v: dict[str, str]) -> dict[str, str]:
+        targets = ("user", "assistant", "system", "tool")
+        bad = {k: t for k, t in v.items() if t not in targets}
+        if bad:
+            raise ValueError(f"roles map onto one of {', '.join(targets)}; got {bad}")
+        return v
 
 
 class TrainSection(_Strict):
@@ -283,10 +304,12 @@ def check_files(recipe: Recipe) -> None:
     problems = []
     if not as_list(recipe.data.train):
         problems.append(f"{recipe.where('data')}: data.train: required (a data file, or a list of files)")
+    from ftkit.data.sources import is_hub_id
+
     for field in ("train", "eval"):
         value = getattr(recipe.data, field)
         for i, item in enumerate(as_list(value)):
-            if not resolve_path(item, src).exists():
+            if not resolve_path(item, src).exists() and not is_hub_id(item):
                 path = ("data", field) if isinstance(value, str) else ("data", field, i)
                 label = ".".join(map(str, path)).replace(f".{i}", f"[{i}]") if len(path) == 3 else f"data.{field}"
                 problems.append(f"{recipe.where(*path)}: {label}: file not found: {item}")

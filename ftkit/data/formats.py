@@ -1,9 +1,12 @@
-"""Row formats -> one canonical form per row.
+"""Row formats -> one canonical form per row (and back, for `ftkit data convert`).
 
 Canonical rows are one of:
   {"messages": [{"role": ..., "content": ...}, ...]}   chat (alpaca, sharegpt, messages)
   {"prompt": str, "completion": str}                   completion
   {"text": str}                                        raw text (continued pretraining)
+
+Formats live in a registry (`register_format`), so a module can add its own (preference,
+unpaired, prompt ...) without touching this file's code paths.
 """
 
 from __future__ import annotations
@@ -13,31 +16,51 @@ from typing import Callable
 from ftkit.data.sources import Row
 from ftkit.errors import UserError
 
-# The columns each format reads (format's own names; data.columns maps them to the user's).
-FORMAT_COLUMNS: dict[str, dict[str, bool]] = {  # column -> required
-    "messages": {"messages": True},
-    "sharegpt": {"conversations": True, "system": False},
-    "alpaca": {"instruction": True, "input": False, "output": True, "system": False, "history": False},
-    "completion": {"prompt": True, "completion": True},
-    "text": {"text": True},
-}
+
+class Columns(dict):
+    """data.columns (format column -> user column) plus data.roles (user role -> canonical role).
+
+    A dict, so converters can keep calling `columns.get(col, col)`."""
+
+    def __init__(self, columns: dict[str, str] | None = None, roles: dict[str, str] | None = None):
+        super().__init__(columns or {})
+        self.roles = dict(roles or {})
+
+
+# format -> {column: required}; data.columns maps these names to the user's.
+FORMAT_COLUMNS: dict[str, dict[str, bool]] = {}
+# format -> keys inside list items that data.columns may rename too (e.g. role/content of each message).
+INNER_KEYS: dict[str, tuple[str, ...]] = {}
+CONVERTERS: dict[str, Callable[[Row, Columns], dict]] = {}
+# Formats `auto` tries, in order (the first whose required columns are all present wins).
+AUTO_ORDER: list[str] = []
+
+
+def register_format(name: str, columns: dict[str, bool], converter: Callable[[Row, Columns], dict],
+                    inner: tuple[str, ...] = (), auto: bool = True) -> None:
+    FORMAT_COLUMNS[name] = columns
+    INNER_KEYS[name] = inner
+    CONVERTERS[name] = converter
+    if auto and name not in AUTO_ORDER:
+        AUTO_ORDER.append(name)
+
 
 ROLE_ALIASES = {
     "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
     "model": "assistant", "system": "system", "tool": "tool", "observation": "tool", "function": "tool",
-    "function_call": "assistant",
+    "function_call": "assistant", "ipython": "tool",
 }
 
 
 def detect_format(row: Row, columns: dict[str, str]) -> str:
     have = set(row.data)
-    for fmt in ("messages", "sharegpt", "alpaca", "completion", "text"):
+    for fmt in AUTO_ORDER:
         needed = [columns.get(c, c) for c, req in FORMAT_COLUMNS[fmt].items() if req]
         if all(c in have for c in needed):
             return fmt
     raise UserError(
         f"{row.where}: data.format is auto but the columns ({', '.join(sorted(have)) or 'none'}) match no format. "
-        "Set data.format (messages | sharegpt | alpaca | completion | text) and, if your names differ, "
+        f"Set data.format ({' | '.join(FORMAT_COLUMNS)}) and, if your names differ, "
         "data.columns, e.g. columns: {instruction: question, output: answer}"
     )
 
@@ -45,11 +68,12 @@ def detect_format(row: Row, columns: dict[str, str]) -> str:
 def _get(row: Row, fmt: str, col: str, columns: dict[str, str]):
     name = columns.get(col, col)
     if name not in row.data or row.data[name] is None:
-        if FORMAT_COLUMNS[fmt][col]:
+        if FORMAT_COLUMNS[fmt].get(col, False):
             mapped = f" (data.columns.{col})" if col in columns else ""
+            hint = "" if col in columns else f"; if yours is named differently, set data.columns: {{{col}: <name>}}"
             raise UserError(
                 f"{row.where}: missing column {name!r}{mapped} needed by format {fmt}; "
-                f"columns in this row: {', '.join(sorted(row.data)) or 'none'}"
+                f"columns in this row: {', '.join(sorted(row.data)) or 'none'}{hint}"
             )
         return None
     return row.data[name]
@@ -61,47 +85,57 @@ def _text(row: Row, value, what: str) -> str:
     return value
 
 
-def _turn(row: Row, role, content, i: int) -> dict:
+def _role(row: Row, role, i: int, columns: Columns) -> str:
+    roles = getattr(columns, "roles", {})
+    if isinstance(role, str) and role in roles:
+        return roles[role]
     if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+        known = sorted(set(ROLE_ALIASES) | set(roles))
         raise UserError(
-            f"{row.where}: turn {i + 1} has unknown role {role!r}; known roles: {', '.join(sorted(ROLE_ALIASES))}"
+            f"{row.where}: turn {i + 1} has unknown role {role!r}; known roles: {', '.join(known)}. "
+            f"Map yours with data.roles, e.g. roles: {{{role if isinstance(role, str) else 'name'}: assistant}}"
         )
-    return {"role": ROLE_ALIASES[role.lower()], "content": _text(row, content, f"turn {i + 1} content")}
+    return ROLE_ALIASES[role.lower()]
 
 
-def _from_messages(row: Row, columns: dict[str, str]) -> dict:
+def _turns(row: Row, items, fmt: str, list_col: str, role_key: str, content_key: str, columns: Columns) -> list[dict]:
+    role_name, content_name = columns.get(role_key, role_key), columns.get(content_key, content_key)
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{row.where}: {columns.get(list_col, list_col)!r} must be a non-empty list of "
+                        f"{{{role_name}, {content_name}}} objects (format {fmt})")
+    turns = []
+    for i, m in enumerate(items):
+        if not isinstance(m, dict) or role_name not in m or content_name not in m:
+            have = ", ".join(sorted(m)) if isinstance(m, dict) else type(m).__name__
+            raise UserError(f"{row.where}: turn {i + 1} must be an object with {role_name!r} and {content_name!r} "
+                            f"(it has: {have or 'nothing'})")
+        turns.append({"role": _role(row, m[role_name], i, columns),
+                      "content": _text(row, m[content_name], f"turn {i + 1} content")})
+    return turns
+
+
+def _from_messages(row: Row, columns: Columns) -> dict:
     msgs = _get(row, "messages", "messages", columns)
-    if not isinstance(msgs, list) or not msgs:
-        raise UserError(f"{row.where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    turns = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"{row.where}: turn {i + 1} must be an object with 'role' and 'content'")
-        turns.append(_turn(row, m["role"], m["content"], i))
-    return {"messages": turns}
+    return {"messages": _turns(row, msgs, "messages", "messages", "role", "content", columns)}
 
 
-def _from_sharegpt(row: Row, columns: dict[str, str]) -> dict:
+def _from_sharegpt(row: Row, columns: Columns) -> dict:
     conv = _get(row, "sharegpt", "conversations", columns)
-    if not isinstance(conv, list) or not conv:
-        raise UserError(f"{row.where}: 'conversations' must be a non-empty list of {{from, value}} objects")
-    turns = []
+    turns = _turns(row, conv, "sharegpt", "conversations", "from", "value", columns)
     system = _get(row, "sharegpt", "system", columns)
-    if system:
-        turns.append({"role": "system", "content": _text(row, system, "system")})
-    for i, m in enumerate(conv):
-        if not isinstance(m, dict) or "from" not in m or "value" not in m:
-            raise UserError(f"{row.where}: conversation turn {i + 1} must be an object with 'from' and 'value'")
-        turns.append(_turn(row, m["from"], m["value"], i))
+    if system and turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": _text(row, system, "system")})
     return {"messages": turns}
 
 
-def _from_alpaca(row: Row, columns: dict[str, str]) -> dict:
+def _from_alpaca(row: Row, columns: Columns) -> dict:
     instruction = _text(row, _get(row, "alpaca", "instruction", columns), "instruction")
     extra = _get(row, "alpaca", "input", columns)
     output = _text(row, _get(row, "alpaca", "output", columns), "output")
     system = _get(row, "alpaca", "system", columns)
     history = _get(row, "alpaca", "history", columns) or []
+    if not isinstance(history, list):
+        raise UserError(f"{row.where}: history must be a list of [question, answer] pairs")
     turns = [{"role": "system", "content": _text(row, system, "system")}] if system else []
     for i, pair in enumerate(history):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
@@ -113,50 +147,115 @@ def _from_alpaca(row: Row, columns: dict[str, str]) -> dict:
     return {"messages": turns}
 
 
-def _from_completion(row: Row, columns: dict[str, str]) -> dict:
+def _from_completion(row: Row, columns: Columns) -> dict:
     return {
         "prompt": _text(row, _get(row, "completion", "prompt", columns), "prompt"),
         "completion": _text(row, _get(row, "completion", "completion", columns), "completion"),
     }
 
 
-def _from_text(row: Row, columns: dict[str, str]) -> dict:
+def _from_text(row: Row, columns: Columns) -> dict:
     return {"text": _text(row, _get(row, "text", "text", columns), "text")}
 
 
-CONVERTERS: dict[str, Callable[[Row, dict], dict]] = {
-    "messages": _from_messages,
-    "sharegpt": _from_sharegpt,
-    "alpaca": _from_alpaca,
-    "completion": _from_completion,
-    "text": _from_text,
-}
+register_format("messages", {"messages": True}, _from_messages, inner=("role", "content"))
+register_format("sharegpt", {"conversations": True, "system": False}, _from_sharegpt, inner=("from", "value"))
+register_format("alpaca", {"instruction": True, "input": False, "output": True, "system": False, "history": False},
+                _from_alpaca)
+register_format("completion", {"prompt": True, "completion": True}, _from_completion)
+register_format("text", {"text": True}, _from_text)
 
 
 def check_columns_mapping(columns: dict[str, str], fmt: str, where: str) -> None:
-    unknown = [c for c in columns if c not in FORMAT_COLUMNS[fmt]]
+    known = list(FORMAT_COLUMNS[fmt]) + list(INNER_KEYS.get(fmt, ()))
+    unknown = [c for c in columns if c not in known]
     if unknown:
         raise UserError(
             f"{where}: data.columns maps {', '.join(map(repr, unknown))}, which format {fmt} does not read; "
-            f"its columns: {', '.join(FORMAT_COLUMNS[fmt])}"
+            f"its columns: {', '.join(known)}"
         )
 
 
 def to_canonical(rows: list[Row], fmt: str, columns: dict[str, str], system: str | None,
-                 recipe_where: str = "recipe") -> tuple[str, list[dict]]:
+                 recipe_where: str = "recipe", roles: dict[str, str] | None = None) -> tuple[str, list[dict]]:
     """Convert rows; returns (format used, canonical rows with a 'where' key each)."""
+    cols = columns if isinstance(columns, Columns) and roles is None else Columns(columns, roles)
     if fmt == "auto":
-        fmt = detect_format(rows[0], columns)
-    check_columns_mapping(columns, fmt, recipe_where)
+        fmt = detect_format(rows[0], cols)
+        # Mixed sources may each have another format: a mapping only has to fit some format.
+        everything = {c for f in FORMAT_COLUMNS for c in (*FORMAT_COLUMNS[f], *INNER_KEYS.get(f, ()))}
+        stray = [c for c in cols if c not in everything]
+        if stray:
+            check_columns_mapping({c: cols[c] for c in stray}, fmt, recipe_where)
+    elif fmt not in CONVERTERS:
+        raise UserError(f"{recipe_where}: unknown data.format {fmt!r}; one of: {', '.join(CONVERTERS)}")
+    else:
+        check_columns_mapping(cols, fmt, recipe_where)
     convert = CONVERTERS[fmt]
     out = []
     for row in rows:
-        item = convert(row, columns)
+        item = convert(row, cols)
         if "messages" in item:
             if system and item["messages"][0]["role"] != "system":
                 item["messages"].insert(0, {"role": "system", "content": system})
             if not any(m["role"] == "assistant" for m in item["messages"]):
-                raise UserError(f"{row.where}: the conversation has no assistant turn, so nothing to learn from")
+                raise UserError(
+                    f"{row.where}: the conversation has no assistant turn, so there is nothing to learn from "
+                    f"(roles: {', '.join(m['role'] for m in item['messages'])}); if your assistant role has "
+                    "another name, map it with data.roles"
+                )
         item["where"] = row.where
         out.append(item)
     return fmt, out
+
+
+# ---------------------------------------------------------------------------- canonical -> a format
+
+
+SHAREGPT_ROLES = {"user": "human", "assistant": "gpt", "system": "system", "tool": "observation"}
+
+
+def _need_chat(item: dict, to: str) -> list[dict]:
+    if "messages" in item:
+        return item["messages"]
+    if "prompt" in item:
+        return [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": item["completion"]}]
+    raise UserError(f"{item['where']}: raw text rows cannot become {to} rows (they have no turns)")
+
+
+def from_canonical(item: dict, to: str) -> dict:
+    """One canonical row as a row of format `to`, or a UserError naming the row when it cannot be expressed."""
+    if to == "messages":
+        return {"messages": _need_chat(item, to)}
+    if to == "sharegpt":
+        msgs = _need_chat(item, to)
+        return {"conversations": [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in msgs]}
+    if to == "alpaca":
+        msgs = list(_need_chat(item, to))
+        out: dict = {}
+        if msgs and msgs[0]["role"] == "system":
+            out["system"] = msgs.pop(0)["content"]
+        roles = [m["role"] for m in msgs]
+        if len(msgs) < 2 or len(msgs) % 2 or roles != ["user", "assistant"] * (len(msgs) // 2):
+            raise UserError(f"{item['where']}: only alternating user/assistant turns ending with the assistant "
+                            f"fit alpaca (this row has: {', '.join(roles)})")
+        pairs = [[msgs[i]["content"], msgs[i + 1]["content"]] for i in range(0, len(msgs) - 2, 2)]
+        out.update({"instruction": msgs[-2]["content"], "input": "", "output": msgs[-1]["content"]})
+        if pairs:
+            out["history"] = pairs
+        return out
+    if to == "completion":
+        if "prompt" in item:
+            return {"prompt": item["prompt"], "completion": item["completion"]}
+        msgs = item.get("messages") or []
+        if [m["role"] for m in msgs] != ["user", "assistant"]:
+            raise UserError(f"{item['where']}: only single-turn user/assistant conversations fit completion rows")
+        return {"prompt": msgs[0]["content"], "completion": msgs[1]["content"]}
+    if to == "text":
+        if "text" in item:
+            return {"text": item["text"]}
+        if "prompt" in item:
+            return {"text": item["prompt"] + item["completion"]}
+        raise UserError(f"{item['where']}: chat rows become text only through a chat template; "
+                        "train on them as chat instead")
+    raise UserError(f"--to {to}: unknown format; one of: messages, sharegpt, alpaca, completion, text")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,54 @@ READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parq
            ".txt": _read_txt}
 
 
+_HUB_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.%\[\]:-]+)?$")
+
+
+def is_hub_id(value: str) -> bool:
+    """org/name, org/name:split or hf://org/name: not a path we can read, but the shape of a hub dataset id."""
+    if value.startswith("hf://"):
+        return True
+    name = value.split(":", 1)[0]
+    return bool(_HUB_ID.match(value)) and not Path(name).suffix.lower() in SUFFIXES and not Path(value).exists()
+
+
+def split_hub_id(value: str) -> tuple[str, str]:
+    value = value.removeprefix("hf://")
+    name, _, split = value.partition(":")
+    return name, split or "train"
+
+
+def read_hub_dataset(value: str):
+    """A hub dataset through `datasets.load_dataset` (its own cache serves offline runs)."""
+    from datasets import load_dataset
+
+    name, split = split_hub_id(value)
+    try:
+        ds = load_dataset(name, split=split)
+    except Exception as exc:  # offline, unknown id, unknown split: datasets raises many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UserError(
+            f"{value}: not a local file, and loading it as the hub dataset {name!r} (split {split!r}) failed: {first}. "
+            "Offline, a hub dataset must already be in the datasets cache; otherwise point data.train at a local "
+            "file (.jsonl, .json, .csv, .parquet, .txt) or a save_to_disk dir."
+        ) from None
+    return ds
+
+
+def read_hub(value: str) -> list[Row]:
+    ds = read_hub_dataset(value)
+    if len(ds) == 0:
+        raise UserError(f"{value}: the hub dataset split is empty (no rows to train on)")
+    return [Row(rec, f"{value} row {i + 1}") for i, rec in enumerate(ds)]
+
+
+def read_source(value: str, path: Path) -> list[Row]:
+    """A recipe data source: a local file/dir, else a hub dataset id."""
+    if not path.exists() and is_hub_id(value):
+        return read_hub(value)
+    return read_rows(path)
+
+
 def read_rows(path: Path) -> list[Row]:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
@@ -152,10 +201,12 @@ def read_rows(path: Path) -> list[Row]:
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise UserError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty (no rows to train on)")
     try:
         rows = reader(path)
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not rows:
-        raise UserError(f"{path}: the file has no rows")
+        raise UserError(f"{path}: the file is empty (no rows to train on)")
     return rows

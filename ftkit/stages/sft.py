@@ -15,14 +15,14 @@ from ftkit.stages.common import (attach_progress, default_output_dir, env_versio
 from ftkit.ui import log
 
 
-def run(recipe: Recipe, output: str | None = None, overwrite: bool = False) -> Path:
+def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, use_cache: bool = True) -> Path:
     from trl import SFTConfig, SFTTrainer
 
     run_dir = RunDir(output or default_output_dir(recipe), overwrite=overwrite)
     hw = setup_hardware(recipe)
     base = resolve_model(recipe.model.name, log=log)
     tok = load_tokenizer(base, recipe.model.trust_remote_code, recipe.model.revision)
-    data = prepare(recipe, tok, log=log)
+    data = prepare(recipe, tok, log=log, cache=use_cache)
     ts = data.train_stats.summary()
     log(f"data: {ts['kept']} train rows ({data.format}), {len(data.eval)} eval rows · "
         f"{ts['trained_tokens']:,} of {ts['tokens']:,} tokens trained ({recipe.data.train_on})")
@@ -40,6 +40,10 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False) -> P
         **trainer_kwargs(recipe, hw, work, eval_ds is not None),
         max_length=recipe.data.max_length,
         packing=recipe.data.packing,
+        # bfd keeps sample boundaries and turns on padding-free batches with per-sample position_ids, from
+        # which transformers builds a block-diagonal mask (sdpa/eager) or varlen kernels (flash attention):
+        # no sample attends to another one packed beside it.
+        packing_strategy="bfd",
         dataset_num_proc=None,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -57,6 +61,7 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False) -> P
     (work / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
 
     tokens = trainer.state.num_input_tokens_seen or 0
+    steps = trainer.state.global_step
     losses = [h["loss"] for h in progress.history if "loss" in h]
     metrics = {
         "stage": recipe.stage,
@@ -71,13 +76,16 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False) -> P
         "epochs": round(trainer.state.epoch or 0, 4),
         "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+        "tokens_per_step": round(tokens / steps, 1) if steps else None,
+        "packing": {"enabled": recipe.data.packing, "samples": len(train_ds), "rows": len(trainer.train_dataset)},
         "wall_s": round(wall, 2),
         "peak_memory_mb": peak_memory_mb(hw),
         "device": hw.device,
         "precision": hw.dtype,
         "precision_reason": hw.dtype_reason,
         **params,
-        "data": {"format": data.format, "train": ts, "eval": data.eval_stats.summary()},
+        "data": {"format": data.format, "train": ts, "eval": data.eval_stats.summary(), "cache": data.cache,
+                 "sources": data.sources},
         "versions": env_versions(),
     }
     write_json(work / "metrics.json", metrics)

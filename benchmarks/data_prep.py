@@ -1,0 +1,79 @@
+"""ftkit data prep tokens/s vs the raw batched fast tokenizer on the same text, and the cached rerun.
+
+    python benchmarks/data_prep.py [--rows 4000] [--model smollm2-135m-instruct]
+
+"raw" tokenizes the already-rendered chat text with `tokenizer(texts)` (batched, fast tokenizer):
+it is the floor any pipeline pays. ftkit also renders the chat template turn by turn to place
+the response-only labels, builds the labels, and (first run) writes the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=4000)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ftkit-bench-"))
+
+    from ftkit.data import cache as dcache
+    from ftkit.data import prepare
+    from ftkit.data.templates import resolve_template
+    from ftkit.models import load_tokenizer, resolve_model
+    from ftkit.recipe import load_recipe
+
+    rows = [{"messages": [
+        {"role": "user", "content": f"Question {i}: " + "please explain how the thing works, in words. " * 6},
+        {"role": "assistant", "content": "Sure. " + "Here is one sentence of a longer answer. " * 20},
+        {"role": "user", "content": "Could you shorten that?"},
+        {"role": "assistant", "content": "In short: " + "it works. " * 25}]} for i in range(args.rows)]
+    data = tmp / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    recipe = tmp / "r.yaml"
+    recipe.write_text(f"model: {{name: {args.model}}}\ndata: {{train: {data}, max_length: 4096}}\n", encoding="utf-8")
+    r = load_recipe(recipe)
+    tok = load_tokenizer(resolve_model(r.model.name))
+    dcache.cache_root = lambda: tmp / "data-cache"  # a throwaway cache, not the user's
+    template = resolve_template(tok, None)
+    texts = [tok.apply_chat_template(x["messages"], chat_template=template, tokenize=False) for x in rows]
+
+    t0 = time.perf_counter()
+    n_raw = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+    raw_s = time.perf_counter() - t0
+
+    quiet = lambda *_: None  # noqa: E731
+    t0 = time.perf_counter()
+    first = prepare(r, tok, log=quiet, cache=False)
+    ftkit_s = time.perf_counter() - t0
+    n = first.train_stats.tokens
+    assert n == n_raw, (n, n_raw)  # the very same tokens
+
+    t0 = time.perf_counter()
+    prepare(r, tok, log=quiet, cache=True)
+    miss_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hit = prepare(r, tok, log=quiet, cache=True)
+    hit_s = time.perf_counter() - t0
+    assert hit.cache == "hit"
+
+    print(f"rows: {args.rows} · tokens: {n:,} · cpus: {os.cpu_count()}")
+    print(f"raw tokenizer(texts):        {n / raw_s:>12,.0f} tok/s  ({raw_s:.2f} s)")
+    print(f"ftkit prepare (no cache):    {n / ftkit_s:>12,.0f} tok/s  ({ftkit_s:.2f} s)  "
+          f"= {raw_s / ftkit_s:.2f}x raw")
+    print(f"ftkit prepare (cache write): {miss_s:.2f} s")
+    print(f"ftkit prepare (cache hit):   {hit_s:.2f} s  ({n / hit_s:,.0f} tok/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""`ftkit data check | preview | convert`: see what the model will learn before training on it.
+
+No torch here: check and preview load only the tokenizer (transformers), never a model.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+app = typer.Typer(help="Check, preview and convert training data.", no_args_is_help=True)
+out = Console(highlight=False, soft_wrap=True)
+
+SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe field: key.path=value (repeatable)")
+
+
+def _errors(fn):
+    """The CLI's error mapping (bad data -> one message, exit 2), looked up late to keep imports one-way."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ftkit.cli import handle_errors
+
+        return handle_errors(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _recipe(recipe: str, overrides):
+    from ftkit.cli import _load
+
+    return _load(recipe, overrides)
+
+
+def _tokenizer(r, log):
+    from ftkit.models import load_tokenizer, resolve_model
+    from ftkit.ui import quiet_libraries
+
+    quiet_libraries()
+    base = resolve_model(r.model.name, log=log)
+    return load_tokenizer(base, r.model.trust_remote_code, r.model.revision)
+
+
+def _log(msg: str) -> None:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(msg)
+
+
+@app.command()
+@_errors
+def check(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
+          no_cache: bool = typer.Option(False, "--no-cache", help="Re-tokenize even if a cached copy exists")):
+    """Load, convert and tokenize all data; report rows, drops, truncation and token lengths."""
+    from ftkit.data import load_canonical, prepare
+
+    r = _recipe(recipe, set_)
+    canon = load_canonical(r)  # bad rows fail here, before any tokenizer or model is loaded
+    tok = _tokenizer(r, _log)
+    data = prepare(r, tok, log=_log, cache=not no_cache, canonical=canon)
+
+    src = Table(title="sources", title_justify="left")
+    for col in ("split", "source", "format", "rows"):
+        src.add_column(col, justify="right" if col == "rows" else "left")
+    for s in canon.sources:
+        src.add_row(s["field"], s["source"], s["format"], str(s["rows"]))
+    out.print(src)
+
+    stats = Table(title=f"tokenized (max_length {r.data.max_length}, train_on {r.data.train_on}, "
+                        f"truncation {r.data.truncation})", title_justify="left")
+    keys = [("rows", "rows"), ("kept", "kept"), ("dropped_no_labels", "dropped (no trained tokens)"),
+            ("truncated", "truncated"), ("tokens", "tokens"), ("trained_tokens", "trained tokens"),
+            ("length_min", "length min"), ("length_median", "length median"), ("length_p95", "length p95"),
+            ("length_max", "length max")]
+    splits = [(name, st.summary()) for name, st in (("train", data.train_stats), ("eval", data.eval_stats))
+              if st.rows]
+    stats.add_column("")
+    for name, _ in splits:
+        stats.add_column(name, justify="right")
+    for k, label in keys:
+        stats.add_row(label, *(f"{sm[k]:,}" for _, sm in splits))
+    out.print(stats)
+    sm = data.train_stats.summary()
+    share = sm["trained_tokens"] / sm["tokens"] if sm["tokens"] else 0.0
+    template = "tokenizer's" if not r.data.template else r.data.template if len(r.data.template) < 20 else "custom"
+    out.print(f"format {data.format} · template {template if data.template else 'none'} · "
+              f"{share:.0%} of train tokens trained · cache {data.cache}")
+    out.print("[green]ok[/]")
+
+
+@app.command()
+@_errors
+def preview(recipe: str = typer.Argument(..., help="Recipe YAML"), n: int = typer.Option(3, "-n", min=1),
+            set_: Optional[List[str]] = SetOpt,
+            tokens: bool = typer.Option(False, "--tokens", help="Also list every token with its label")):
+    """Show rendered samples with the trained-on tokens highlighted, and their label mask."""
+    from ftkit.data import _read_field
+    from ftkit.data.templates import resolve_template
+    from ftkit.data.tokenize import IGNORE, TokenStats, encode_rows
+
+    r = _recipe(recipe, set_)
+    _, rows, _ = _read_field(r, "train")
+    rows = rows[:n]
+    tok = _tokenizer(r, _log)
+    template = resolve_template(tok, r.data.template, r.where("data", "template"))
+    out.print(Text.assemble("legend: ", ("trained (label = token)", "bold black on green"), "  ",
+                            ("masked (label = -100)", "dim")))
+    for row in rows:
+        st = TokenStats()
+        enc = encode_rows([row], tok, template, r.data.train_on, r.data.max_length, st, r.data.truncation)
+        out.rule(f"{row['where']}")
+        if not enc:
+            out.print("[yellow]dropped:[/] no token of this row is trained (it would not be used)")
+            continue
+        ids, labels = enc[0]["input_ids"], enc[0]["labels"]
+        text = Text()
+        for tid, lab in zip(ids, labels):
+            piece = tok.decode([tid])
+            text.append(piece, style="bold black on green" if lab != IGNORE else "dim")
+        out.print(text)
+        out.print(f"mask: {_mask_ranges(labels, IGNORE)} · {sum(lab != IGNORE for lab in labels)} of {len(ids)} "
+                  f"tokens trained" + (" · [yellow]truncated[/]" if st.truncated else ""))
+        out.print("label mask: " + "".join("█" if lab != IGNORE else "·" for lab in labels))
+        if tokens:
+            table = Table("#", "token", "id", "label")
+            for i, (tid, lab) in enumerate(zip(ids, labels)):
+                table.add_row(str(i), repr(tok.decode([tid])), str(tid), "-100" if lab == IGNORE else str(lab))
+            out.print(table)
+
+
+def _mask_ranges(labels: list[int], ignore: int) -> str:
+    """'trained tokens 12-15, 30-41' from a label list."""
+    ranges, start = [], None
+    for i, lab in enumerate(labels + [ignore]):
+        if lab != ignore and start is None:
+            start = i
+        elif lab == ignore and start is not None:
+            ranges.append(f"{start}-{i - 1}" if i - 1 > start else f"{start}")
+            start = None
+    return "trained tokens " + (", ".join(ranges) if ranges else "none")
+
+
+@app.command()
+@_errors
+def convert(src: str = typer.Argument(..., metavar="IN", help="Data file to convert"),
+            from_: str = typer.Option("auto", "--from", help="Input format (auto detects from the columns)"),
+            to: str = typer.Option(..., "--to", help="messages | sharegpt | alpaca | completion | text"),
+            output: str = typer.Option(..., "--output", "-o", help="Output .jsonl (or .json for one list)"),
+            column: Optional[List[str]] = typer.Option(None, "--column", help="format_col=your_col (repeatable)"),
+            role: Optional[List[str]] = typer.Option(None, "--role", help="your_role=user|assistant|... (repeatable)"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file")):
+    """Convert a data file between formats (e.g. sharegpt -> messages)."""
+    from ftkit.data.formats import CONVERTERS, Columns, from_canonical, to_canonical
+    from ftkit.data.sources import read_rows
+    from ftkit.errors import UserError
+
+    if from_ != "auto" and from_ not in CONVERTERS:
+        raise UserError(f"--from {from_}: unknown format; one of: auto, {', '.join(CONVERTERS)}")
+    dest = Path(output)
+    if dest.exists() and not overwrite:
+        raise UserError(f"--output: {dest} exists; pass --overwrite to replace it")
+    if dest.suffix not in (".jsonl", ".json"):
+        raise UserError(f"--output: {dest}: write .jsonl (one row per line) or .json (one list)")
+    path = Path(src)
+    if not path.exists():
+        raise UserError(f"{src}: file not found")
+    roles = _pairs(role, "--role")
+    bad = [f"{k}={v}" for k, v in roles.items() if v not in ("user", "assistant", "system", "tool")]
+    if bad:
+        raise UserError(f"--role {bad[0]}: map onto user, assistant, system or tool")
+    cols = Columns(_pairs(column, "--column"), roles)
+    fmt, items = to_canonical(read_rows(path), from_, cols, None, recipe_where="--column")
+    converted = [from_canonical(item, to) for item in items]  # all or nothing: errors before writing
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        if dest.suffix == ".json":
+            json.dump(converted, fh, ensure_ascii=False, indent=1)
+        else:
+            fh.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in converted)
+    os.replace(tmp, dest)
+    _log(f"[green]ok[/] {len(converted)} rows {fmt} -> {to}: {dest}")
+
+
+def _pairs(items, flag: str) -> dict[str, str]:
+    from ftkit.errors import UserError
+
+    outd = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"{flag} {item!r}: expected name=value")
+        k, v = item.split("=", 1)
+        outd[k.strip()] = v.strip()
+    return outd
