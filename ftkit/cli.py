@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from ftkit import __version__
+from ftkit.commands import ci
 from ftkit.errors import GateFailed, UserError, VerificationFailed
 
 app = typer.Typer(
@@ -81,27 +82,35 @@ def _load(recipe: str, overrides: Optional[List[str]], stage: str | None = None)
     return r
 
 
-def _train(stage: str, recipe: str, overrides, output, overwrite):
-    from ftkit.stages import sft
-
+def _train(stage: str, recipe: str, overrides, output, overwrite, **ci_opts):
     r = _load(recipe, overrides, stage)
-    sft.run(r, output=output, overwrite=overwrite)
+    ci.train(stage, r, output=output, overwrite=overwrite, **ci_opts)
 
 
 @app.command()
 @handle_errors
 def sft(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
-        output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt):
+        output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt,
+        resume: Optional[str] = ci.ResumeOpt, num_processes: int = ci.NumProcessesOpt,
+        as_json: bool = ci.JsonOpt, fail_if: Optional[List[str]] = ci.FailIfOpt):
     """Supervised fine-tuning (chat, instruction or completion data)."""
-    _train("sft", recipe, set_, output, overwrite)
+    _train("sft", recipe, set_, output, overwrite, resume=resume, num_processes=num_processes, as_json=as_json,
+           fail_if=fail_if)
 
 
 @app.command()
 @handle_errors
 def pt(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
-       output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt):
+       output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt,
+       resume: Optional[str] = ci.ResumeOpt, num_processes: int = ci.NumProcessesOpt,
+       as_json: bool = ci.JsonOpt, fail_if: Optional[List[str]] = ci.FailIfOpt):
     """Continued pretraining on raw text (loss on every token)."""
-    _train("pt", recipe, set_, output, overwrite)
+    _train("pt", recipe, set_, output, overwrite, resume=resume, num_processes=num_processes, as_json=as_json,
+           fail_if=fail_if)
+
+
+app.command("eval")(handle_errors(ci.eval_command))
+app.command("report")(handle_errors(ci.report_command))
 
 
 @app.command()
