@@ -220,7 +220,7 @@ def make_progress_callback(metrics_path: Path):
                 return
             elapsed = time.perf_counter() - self.t0
             tokens = state.num_input_tokens_seen or 0
-            kind = "summary" if "train_runtime" in logs else "eval" if any(k.startswith("eval_") for k in logs) else "train"
+            kind = "summary" if "train_loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else "train"
             rec = {"step": state.global_step, "kind": kind, "epoch": round(state.epoch or 0, 4),
                    "elapsed_s": round(elapsed, 2), "tokens_seen": tokens,
                    **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
