@@ -208,6 +208,7 @@ def quickstart(output: str = typer.Option("runs/quickstart", "--output", "-o"),
 
 
 def main():
+    sys.argv[1:] = ci.bare_resume_as_latest(sys.argv[1:])
     app()
 
 

@@ -100,12 +100,14 @@ def make_interrupt_callback():
             self._previous.clear()
 
         def _handle(self, signum, frame):
-            if self.requested:  # a second signal: the user does not want to wait for the save
-                self.uninstall()
-                raise KeyboardInterrupt
+            if self.requested:
+                if signum == signal.SIGINT:  # Ctrl-C twice: the user does not want to wait for the save
+                    self.uninstall()
+                    raise KeyboardInterrupt
+                return  # CI cancellation sends SIGINT then SIGTERM; keep saving
             self.requested = True
             log(f"[yellow]{signal.Signals(signum).name}:[/] saving a checkpoint after this step, then stopping "
-                "(send it again to abort without saving)")
+                "(Ctrl-C again aborts without saving)")
 
         def _anyone_requested(self, args) -> bool:
             import torch

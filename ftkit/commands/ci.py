@@ -14,11 +14,20 @@ from ftkit.errors import GateFailed, UserError
 
 NumProcessesOpt = typer.Option(1, "--num-processes", "-n", min=1,
                                help="Processes (GPUs) to train on; >1 re-runs this command under torchrun")
-ResumeOpt = typer.Option(None, "--resume", flag_value="latest", metavar="[PATH]",
+ResumeOpt = typer.Option(None, "--resume", metavar="[PATH]",
                          help="Continue the interrupted run from its latest checkpoint, or from PATH (--resume=PATH)")
 JsonOpt = typer.Option(False, "--json", help="Print one machine-readable summary line on stdout at the end")
 FailIfOpt = typer.Option(None, "--fail-if", metavar="EXPR",
                          help="Quality gate, e.g. 'eval_loss > 1.2': exit 3 when it holds (repeatable)")
+
+
+def bare_resume_as_latest(argv: list[str]) -> list[str]:
+    """`--resume` takes an optional PATH, which typer cannot express: a bare one becomes --resume=latest."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--resume" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out[i] = "--resume=latest"
+    return out
 
 
 def _quiet_stdout() -> None:

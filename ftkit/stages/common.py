@@ -37,6 +37,10 @@ def setup_hardware(recipe: Recipe) -> Hardware:
     if hw.device == "cpu":
         torch.set_num_threads(hw.threads)
     log(f"device: {hw.device_name} · precision: {hw.dtype} ({hw.dtype_reason})")
+    from transformers import set_seed
+
+    # Before the model exists: adapter init draws from the global RNG, and the Trainer seeds only later.
+    set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
     return hw
 
 
@@ -98,6 +102,8 @@ DEEPSPEED_ZERO2 = {
 
 def distributed_kwargs(recipe: Recipe) -> dict:
     """TrainingArguments for recipe.distributed; ddp needs none (the Trainer wraps the model itself)."""
+    if world_size() == 1:
+        return {}  # one process has nothing to shard; the same recipe still runs anywhere
     if recipe.distributed == "fsdp":
         # FSDP2 shards each decoder layer; LoRA's frozen base and trainable adapters share those shards.
         return {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
@@ -142,6 +148,20 @@ def barrier() -> None:
         return
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextmanager
+def explain_write_errors(work: Path):
+    """Disk full / permissions while writing the run: one clear message; the final run dir is never created."""
+    import errno
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise UserError(f"cannot write the run under {work}: {exc.strerror or exc}. Nothing was written to the "
+                        f"final run dir; checkpoints (if any) stay in {work} for --resume once fixed") from None
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
 from ftkit.recipe import Recipe
 from ftkit.rundir import RunDir
 from ftkit.stages.common import (attach_progress, barrier, default_output_dir, env_versions, explain_oom,
-                                 finish_run_dir, finite, peak_memory_mb, setup_hardware, setup_reporting,
+                                 explain_write_errors, finish_run_dir, finite, peak_memory_mb, setup_hardware, setup_reporting,
                                  trainer_kwargs, world_size, write_json)
 from ftkit.ui import is_main_process, log
 
@@ -63,7 +63,7 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
     t0 = time.perf_counter()
     stopper.install()
     try:
-        with explain_oom(recipe):
+        with explain_oom(recipe), explain_write_errors(work):  # checkpoints are written while training
             result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
     finally:
         stopper.uninstall()
@@ -73,13 +73,14 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
     with explain_oom(recipe):
         eval_metrics = trainer.evaluate() if eval_ds is not None else {}
 
-    trainer.save_model(str(work))  # gathers sharded (FSDP/DeepSpeed) weights; writes on rank 0 only
-    if is_main_process():
-        (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe says it all
-        if data.template is not None:
-            tok.chat_template = data.template  # inference formats prompts exactly as training did
-        tok.save_pretrained(work)
-        (work / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    with explain_write_errors(work):
+        trainer.save_model(str(work))  # gathers sharded (FSDP/DeepSpeed) weights; writes on rank 0 only
+        if is_main_process():
+            (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe says it all
+            if data.template is not None:
+                tok.chat_template = data.template  # inference formats prompts exactly as training did
+            tok.save_pretrained(work)
+            (work / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
 
     tokens = trainer.state.num_input_tokens_seen or 0
     losses = [h["loss"] for h in progress.history if "loss" in h]
@@ -110,8 +111,9 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
         "versions": env_versions(),
     }
     if is_main_process():
-        write_json(work / "metrics.json", metrics)
-        finish_run_dir(work)
+        with explain_write_errors(work):
+            write_json(work / "metrics.json", metrics)
+            finish_run_dir(work)
         write_extras(recipe, work, trainer.model, tok)
     final = run_dir.commit(barrier=barrier)
     first, last = metrics["first_loss"], metrics["last_loss"]
