@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from ftkit import __version__
+from ftkit.commands import ci
 from ftkit.errors import GateFailed, UserError, VerificationFailed
 
 app = typer.Typer(
@@ -82,27 +83,35 @@ def _load(recipe: str, overrides: Optional[List[str]], stage: str | None = None)
     return r
 
 
-def _train(stage: str, recipe: str, overrides, output, overwrite, no_cache: bool = False):
-    from ftkit.stages import sft
-
+def _train(stage: str, recipe: str, overrides, output, overwrite, **ci_opts):
     r = _load(recipe, overrides, stage)
-    sft.run(r, output=output, overwrite=overwrite, use_cache=not no_cache)
+    ci.train(stage, r, output=output, overwrite=overwrite, **ci_opts)
 
 
 @app.command()
 @handle_errors
 def sft(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
-        output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt, no_cache: bool = NoCacheOpt):
+        output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt,
+        resume: Optional[str] = ci.ResumeOpt, num_processes: int = ci.NumProcessesOpt,
+        as_json: bool = ci.JsonOpt, fail_if: Optional[List[str]] = ci.FailIfOpt, no_cache: bool = NoCacheOpt):
     """Supervised fine-tuning (chat, instruction or completion data)."""
-    _train("sft", recipe, set_, output, overwrite, no_cache)
+    _train("sft", recipe, set_, output, overwrite, resume=resume, num_processes=num_processes, as_json=as_json,
+           fail_if=fail_if, no_cache=no_cache)
 
 
 @app.command()
 @handle_errors
 def pt(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
-       output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt, no_cache: bool = NoCacheOpt):
+       output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt,
+       resume: Optional[str] = ci.ResumeOpt, num_processes: int = ci.NumProcessesOpt,
+       as_json: bool = ci.JsonOpt, fail_if: Optional[List[str]] = ci.FailIfOpt, no_cache: bool = NoCacheOpt):
     """Continued pretraining on raw text (loss on every token)."""
-    _train("pt", recipe, set_, output, overwrite, no_cache)
+    _train("pt", recipe, set_, output, overwrite, resume=resume, num_processes=num_processes, as_json=as_json,
+           fail_if=fail_if, no_cache=no_cache)
+
+
+app.command("eval")(handle_errors(ci.eval_command))
+app.command("report")(handle_errors(ci.report_command))
 
 
 @app.command()
@@ -236,6 +245,7 @@ app.add_typer(data_app, name="data")
 
 
 def main():
+    sys.argv[1:] = ci.bare_resume_as_latest(sys.argv[1:])
     app()
 
 

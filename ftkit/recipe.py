@@ -104,6 +104,16 @@ class TrainSection(_Strict):
         "auto", description="trade compute for memory; auto: off on CPU, off on GPU unless asked"
     )
     num_threads: int | None = Field(None, gt=0, description="CPU threads (default: all cores)")
+    save_steps: int | None = Field(
+        None, gt=0, description="save a resumable checkpoint every N steps (default: only when interrupted)"
+    )
+    save_total_limit: int | None = Field(2, gt=0, description="keep the newest N checkpoints (None: keep all)")
+    deterministic: bool = Field(
+        False, description="deterministic kernels and seeding: same recipe + seed -> identical weights (slower)"
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="experiment tracker; logs go under the run dir (wandb runs offline unless WANDB_MODE is set)"
+    )
 
     @field_validator("lr_scheduler")
     @classmethod
@@ -112,6 +122,33 @@ class TrainSection(_Strict):
                  "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
         if v not in known:
             raise ValueError(f"unknown scheduler {v!r}; one of: {', '.join(known)}")
+        return v
+
+
+GATE_OPS = (">=", "<=", "==", "!=", ">", "<")
+
+
+def parse_gate(expr: str) -> tuple[str, str, float]:
+    """'eval_loss > 1.2' -> ('eval_loss', '>', 1.2). Raises ValueError with what is expected."""
+    for op in GATE_OPS:
+        if op in expr:
+            name, _, value = (part.strip() for part in expr.partition(op))
+            if not name.replace(".", "").replace("_", "").isalnum():
+                break
+            try:
+                return name, op, float(value)
+            except ValueError:
+                break
+    raise ValueError(f"gate {expr!r}: expected 'METRIC OP NUMBER', e.g. 'eval_loss > 1.2' (OP: {' '.join(GATE_OPS)})")
+
+
+class Gate(_Strict):
+    fail_if: str = Field(..., description="fail the run (exit 3) when this holds, e.g. 'eval_loss > 1.2'")
+
+    @field_validator("fail_if")
+    @classmethod
+    def _parses(cls, v: str) -> str:
+        parse_gate(v)
         return v
 
 
@@ -126,6 +163,10 @@ class Recipe(_Strict):
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    gates: list[Gate] = Field(default_factory=list, description="quality gates checked on metrics.json after training")
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="multi-process strategy for --num-processes N / accelerate launch (ddp: plain data parallel)"
+    )
 
     _source: str | None = PrivateAttr(None)
     _located: Any = PrivateAttr(None)

@@ -1,45 +1,77 @@
 """Run dirs are built beside their final place and renamed into it at the end, so a crash
-or Ctrl-C never leaves a half-written run dir where a finished one is expected."""
+or Ctrl-C never leaves a half-written run dir where a finished one is expected.
+
+In a multi-process run every rank builds a RunDir (the checks are read-only), but only
+rank 0 creates, writes and renames; the others wait at a barrier.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from ftkit.errors import UserError
+from ftkit.ui import is_main_process
+
+
+def _no_barrier() -> None:
+    pass
 
 
 class RunDir:
-    def __init__(self, final: str | Path, overwrite: bool = False):
+    def __init__(self, final: str | Path, overwrite: bool = False, resume: bool = False):
         self.final = Path(final).expanduser()
+        self.overwrite = overwrite
+        self.resume = resume
         if self.final.exists() and not self.final.is_dir():
             raise UserError(f"output.dir: {self.final} exists and is not a directory")
         if self.final.is_dir() and any(self.final.iterdir()) and not overwrite:
-            raise UserError(f"output.dir: {self.final} already exists and is not empty; pass --overwrite to replace it")
+            hint = " (that run finished; there is nothing to resume)" if resume else ""
+            raise UserError(f"output.dir: {self.final} already exists and is not empty{hint}; "
+                            f"pass --overwrite to replace it")
         # A fixed name (not a random temp) so an interrupted run's checkpoints can be found again.
         self.work = self.final.parent / f"{self.final.name}.partial"
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
-            probe = self.final.parent / f".{self.final.name}.write-test"
+            probe = self.final.parent / f".{self.final.name}.write-test.{os.getpid()}"
             probe.touch()
             probe.unlink()
         except OSError as exc:
             raise UserError(f"output.dir: cannot write under {self.final.parent}: {exc.strerror}") from None
 
-    def start(self, keep_partial: bool = False) -> Path:
-        if self.work.exists() and not keep_partial:
-            shutil.rmtree(self.work)
-        self.work.mkdir(parents=True, exist_ok=True)
+    def start(self, keep_partial: bool = False, barrier: Callable[[], None] = _no_barrier) -> Path:
+        from ftkit.resume import latest_checkpoint
+
+        if self.work.exists() and not keep_partial and not self.overwrite:
+            ckpt = latest_checkpoint(self.work)
+            if ckpt is not None:
+                raise UserError(
+                    f"{self.work} holds an interrupted run (checkpoint at step {ckpt.name.split('-')[-1]}); "
+                    f"pass --resume to continue it, or --overwrite to start over"
+                )
+        if is_main_process():
+            try:
+                if self.work.exists() and not keep_partial:
+                    shutil.rmtree(self.work)
+                self.work.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"output.dir: cannot create {self.work}: {exc.strerror}") from None
+        barrier()
         return self.work
 
-    def commit(self) -> Path:
-        trash = None
-        if self.final.exists():
-            trash = self.final.parent / f".{self.final.name}.old"
-            if trash.exists():
-                shutil.rmtree(trash)
-            self.final.rename(trash)
-        self.work.rename(self.final)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+    def commit(self, barrier: Callable[[], None] = _no_barrier) -> Path:
+        barrier()  # every rank has finished writing its share before the rename
+        if is_main_process():
+            trash = None
+            if self.final.exists():
+                trash = self.final.parent / f".{self.final.name}.old"
+                if trash.exists():
+                    shutil.rmtree(trash)
+                self.final.rename(trash)
+            self.work.rename(self.final)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        barrier()
         return self.final

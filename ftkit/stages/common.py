@@ -7,8 +7,10 @@ import math
 import os
 import resource
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+from ftkit.errors import UserError
 from ftkit.hardware import Hardware, detect
 from ftkit.recipe import Recipe
 from ftkit.ui import console, is_main_process, log, quiet_libraries
@@ -25,10 +27,20 @@ def setup_hardware(recipe: Recipe) -> Hardware:
     import torch
 
     quiet_libraries()
-    hw = detect(recipe.model.dtype, recipe.train.num_threads)
+    threads = recipe.train.num_threads
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if threads is None and local_procs > 1:
+        # N processes on one machine share its cores; all-cores each would oversubscribe them.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // local_procs)
+    hw = detect(recipe.model.dtype, threads)
     if hw.device == "cpu":
         torch.set_num_threads(hw.threads)
     log(f"device: {hw.device_name} · precision: {hw.dtype} ({hw.dtype_reason})")
+    from transformers import set_seed
+
+    # Before the model exists: adapter init draws from the global RNG, and the Trainer seeds only later.
+    set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
     return hw
 
 
@@ -57,8 +69,13 @@ def trainer_kwargs(recipe: Recipe, hw: Hardware, out_dir: Path, has_eval: bool) 
         logging_steps=t.logging_steps,
         eval_strategy="steps" if (has_eval and t.eval_steps) else "no",
         eval_steps=t.eval_steps,
-        save_strategy="no",
-        report_to=[],
+        # Checkpoints are for resuming; without save_steps one is written only when interrupted.
+        save_strategy="steps" if t.save_steps else "no",
+        **({"save_steps": t.save_steps} if t.save_steps else {}),
+        save_total_limit=t.save_total_limit,
+        full_determinism=t.deterministic,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        ddp_find_unused_parameters=False,  # LoRA freezes the base on purpose; the search only costs time
         disable_tqdm=True,
         bf16=hw.dtype == "bfloat16",
         fp16=hw.dtype == "float16",
@@ -67,7 +84,103 @@ def trainer_kwargs(recipe: Recipe, hw: Hardware, out_dir: Path, has_eval: bool) 
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=hw.device == "cuda",
         remove_unused_columns=False,
+        **distributed_kwargs(recipe),
     )
+
+
+# DeepSpeed ZeRO-2 with every size left to the Trainer ("auto"); the same settings as
+# recipes/accelerate/deepspeed_zero2.yaml.
+DEEPSPEED_ZERO2 = {
+    "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+}
+
+
+def distributed_kwargs(recipe: Recipe) -> dict:
+    """TrainingArguments for recipe.distributed; ddp needs none (the Trainer wraps the model itself)."""
+    if world_size() == 1:
+        return {}  # one process has nothing to shard; the same recipe still runs anywhere
+    if recipe.distributed == "fsdp":
+        # FSDP2 shards each decoder layer; LoRA's frozen base and trainable adapters share those shards.
+        return {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                              "reshard_after_forward": True}}
+    if recipe.distributed == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError(f"{recipe.where('distributed')}: distributed: deepspeed needs the deepspeed package "
+                            "(pip install deepspeed; it needs a CUDA toolkit)") from None
+        return {"deepspeed": dict(DEEPSPEED_ZERO2)}
+    return {}
+
+
+def setup_reporting(recipe: Recipe, work: Path) -> None:
+    """Point the chosen tracker inside the run dir; the default (none) writes nothing anywhere."""
+    where = recipe.where("train", "report_to")
+    if recipe.train.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                raise UserError(f"{where}: train.report_to: tensorboard needs the tensorboard package "
+                                "(pip install tensorboard)") from None
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "tensorboard")
+    elif recipe.train.report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError(f"{where}: train.report_to: wandb needs the wandb package (pip install wandb)") from None
+        os.environ.setdefault("WANDB_MODE", "offline")  # CI jobs rarely have a key; `wandb sync` uploads later
+        os.environ.setdefault("WANDB_DIR", str(work))
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def explain_write_errors(work: Path):
+    """Disk full / permissions while writing the run: one clear message; the final run dir is never created."""
+    import errno
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise UserError(f"cannot write the run under {work}: {exc.strerror or exc}. Nothing was written to the "
+                        f"final run dir; checkpoints (if any) stay in {work} for --resume once fixed") from None
+
+
+@contextmanager
+def explain_oom(recipe: Recipe):
+    """Turn a GPU out-of-memory error into the recipe knobs that lower memory."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    try:
+        yield
+    except oom:
+        t, d = recipe.train, recipe.data
+        raise UserError(
+            f"out of GPU memory (train.batch_size={t.batch_size}, data.max_length={d.max_length}, "
+            f"method.type={recipe.method.type}). To use less: lower train.batch_size ({recipe.where('train', 'batch_size')}) "
+            f"and raise train.grad_accum to keep the effective batch; lower data.max_length "
+            f"({recipe.where('data', 'max_length')}); set train.activation_checkpointing: true; or load the base "
+            f"in 4 bits (QLoRA)."
+        ) from None
 
 
 def peak_memory_mb(hw: Hardware) -> float:
@@ -127,8 +240,10 @@ def make_progress_callback(metrics_path: Path):
                 return
             elapsed = time.perf_counter() - self.t0
             tokens = state.num_input_tokens_seen or 0
-            rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "elapsed_s": round(elapsed, 2),
-                   "tokens_seen": tokens, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            kind = "summary" if "train_loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else "train"
+            rec = {"step": state.global_step, "kind": kind, "epoch": round(state.epoch or 0, 4),
+                   "elapsed_s": round(elapsed, 2), "tokens_seen": tokens,
+                   **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
             self.history.append(rec)
             with metrics_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")

@@ -10,15 +10,20 @@ from ftkit.methods import apply_method, count_params
 from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
 from ftkit.recipe import Recipe
 from ftkit.rundir import RunDir
-from ftkit.stages.common import (attach_progress, default_output_dir, env_versions, finish_run_dir, finite,
-                                 peak_memory_mb, setup_hardware, trainer_kwargs, write_json)
-from ftkit.ui import log
+from ftkit.stages.common import (attach_progress, barrier, default_output_dir, env_versions, explain_oom,
+                                 explain_write_errors, finish_run_dir, finite, peak_memory_mb, setup_hardware, setup_reporting,
+                                 trainer_kwargs, world_size, write_json)
+from ftkit.ui import is_main_process, log
 
 
-def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, use_cache: bool = True) -> Path:
+def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resume: str | None = None,
+        use_cache: bool = True) -> Path:
+    """Train and write the run dir. resume: None, "latest" (this run's newest checkpoint) or a path."""
     from trl import SFTConfig, SFTTrainer
 
-    run_dir = RunDir(output or default_output_dir(recipe), overwrite=overwrite)
+    from ftkit import resume as resuming
+
+    run_dir = RunDir(output or default_output_dir(recipe), overwrite=overwrite, resume=resume is not None)
     hw = setup_hardware(recipe)
     base = resolve_model(recipe.model.name, log=log)
     tok = load_tokenizer(base, recipe.model.trust_remote_code, recipe.model.revision)
@@ -34,9 +39,9 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, use_
     log(f"trainable params: {params['trainable_params']:,} of {params['total_params']:,} "
         f"({params['trainable_percent']:.2f}%)")
 
-    work = run_dir.start()
     train_ds, eval_ds = data.to_datasets()
-    args = SFTConfig(
+    work = run_dir.work
+    args = SFTConfig(  # in a multi-process run this joins the process group
         **trainer_kwargs(recipe, hw, work, eval_ds is not None),
         max_length=recipe.data.max_length,
         packing=recipe.data.packing,
@@ -46,19 +51,41 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, use_
         packing_strategy="bfd",
         dataset_num_proc=None,
     )
+    work = run_dir.start(keep_partial=resume is not None, barrier=barrier)
+    ckpt = resuming.resolve_resume(resume, work)
+    resumed_from = resuming.checkpoint_step(ckpt) if ckpt is not None else None
+    if ckpt is not None:
+        log(f"resuming from {ckpt} (step {resumed_from})")
+        if is_main_process():
+            resuming.trim_metrics_log(work / "metrics.jsonl", resumed_from)
+    barrier()
+    setup_reporting(recipe, work)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok)
     progress = attach_progress(trainer, work / "metrics.jsonl")
+    stopper = resuming.make_interrupt_callback()
+    trainer.add_callback(stopper)
     t0 = time.perf_counter()
-    result = trainer.train()
+    stopper.install()
+    try:
+        with explain_oom(recipe), explain_write_errors(work):  # checkpoints are written while training
+            result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+    finally:
+        stopper.uninstall()
     wall = time.perf_counter() - t0
-    eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    if stopper.stopped_at is not None:
+        raise resuming.Interrupted(stopper.stopped_at, work)
+    with explain_oom(recipe):
+        eval_metrics = trainer.evaluate() if eval_ds is not None else {}
 
-    trainer.model.save_pretrained(work, safe_serialization=True)
-    if data.template is not None:
-        tok.chat_template = data.template  # inference formats prompts exactly as training did
-    tok.save_pretrained(work)
-    (work / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    with explain_write_errors(work):
+        trainer.save_model(str(work))  # gathers sharded (FSDP/DeepSpeed) weights; writes on rank 0 only
+        if is_main_process():
+            (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe says it all
+            if data.template is not None:
+                tok.chat_template = data.template  # inference formats prompts exactly as training did
+            tok.save_pretrained(work)
+            (work / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
 
     tokens = trainer.state.num_input_tokens_seen or 0
     steps = trainer.state.global_step
@@ -73,6 +100,10 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, use_
         "last_loss": losses[-1] if losses else None,
         "eval_loss": finite(eval_metrics.get("eval_loss")),
         "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_from,
+        "world_size": world_size(),
+        "distributed": recipe.distributed if world_size() > 1 else None,
+        "global_batch_size": recipe.train.batch_size * recipe.train.grad_accum * world_size(),
         "epochs": round(trainer.state.epoch or 0, 4),
         "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
@@ -88,12 +119,27 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, use_
                  "sources": data.sources},
         "versions": env_versions(),
     }
-    write_json(work / "metrics.json", metrics)
-    finish_run_dir(work)
-    final = run_dir.commit()
+    if is_main_process():
+        with explain_write_errors(work):
+            write_json(work / "metrics.json", metrics)
+            finish_run_dir(work)
+        write_extras(recipe, work, trainer.model, tok)
+    final = run_dir.commit(barrier=barrier)
     first, last = metrics["first_loss"], metrics["last_loss"]
     log(f"[green]done[/] in {wall:.1f}s · {metrics['steps']} steps"
         + (f" · loss {first:.4f} → {last:.4f}" if first is not None and last is not None else "")
         + (f" · eval_loss {metrics['eval_loss']:.4f}" if metrics["eval_loss"] is not None else "")
         + f" · run dir: {final}")
     return final
+
+
+def write_extras(recipe: Recipe, work: Path, model, tok) -> None:
+    """Sample generations and the HTML report; a failure here must not cost the trained run."""
+    from ftkit.report import write_report, write_samples
+
+    try:
+        if recipe.distributed == "ddp":  # sharded (FSDP/DeepSpeed) weights cannot generate on one rank
+            write_samples(recipe, work, model, tok)
+        write_report(work)
+    except Exception as exc:  # noqa: BLE001
+        log(f"[yellow]warning:[/] report not written: {exc}")

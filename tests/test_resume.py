@@ -1,0 +1,119 @@
+"""Checkpoints and resume: a killed run continues where its last checkpoint left off, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ci_helpers import adapter_tensors, max_abs_diff, read_jsonl, recipe
+from conftest import CHAT_ROWS, ftkit
+
+STEPS = 12
+TRAIN = {"max_steps": STEPS, "save_steps": 2, "save_total_limit": 2, "deterministic": True, "batch_size": 2}
+
+
+def _data(tmp: Path) -> Path:
+    p = tmp / "chat.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
+    return p
+
+
+def _start(r: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ftkit", "sft", str(r), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(pred, proc: subprocess.Popen, timeout: float = 600) -> None:
+    t0 = time.monotonic()
+    while not pred():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"training ended (rc {proc.returncode}) before the interruption point:\n{err[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            pytest.fail("timed out waiting for the interruption point")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model):
+    """The same recipe run without interruption."""
+    tmp = tmp_path_factory.mktemp("reference")
+    r = recipe(tmp / "r.yaml", tiny_model, _data(tmp), train=TRAIN)
+    res = ftkit("sft", str(r))
+    assert res.returncode == 0, res.stderr
+    return tmp / "run"
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model, reference):
+    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=TRAIN)
+    partial = tmp_path / "run.partial"
+    proc = _start(r)
+    _wait_for(lambda: (partial / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run").exists() and partial.is_dir()
+
+    res = ftkit("sft", str(r))  # without --resume the interrupted run is not silently thrown away
+    assert res.returncode == 2 and "--resume" in res.stderr
+
+    res = ftkit("sft", str(r), "--resume")
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "run"
+    m = json.loads((run / "metrics.json").read_text())
+    assert 4 <= m["resumed_from_step"] < STEPS, "the kill came too late to test a resume"
+    assert m["steps"] == STEPS
+    assert f"resuming from" in res.stdout and f"step {m['resumed_from_step']}" in res.stdout
+    steps = [h["step"] for h in read_jsonl(run / "metrics.jsonl") if h["kind"] == "train"]
+    assert steps == list(range(1, STEPS + 1)), "the step count continues, and each step is logged once"
+    # Same final weights as the uninterrupted run: the data order and RNG continued too.
+    assert max_abs_diff(adapter_tensors(run), adapter_tensors(reference)) <= 1e-6
+    ref_losses = [h["loss"] for h in read_jsonl(reference / "metrics.jsonl") if h["kind"] == "train"]
+    losses = [h["loss"] for h in read_jsonl(run / "metrics.jsonl") if h["kind"] == "train"]
+    assert losses == pytest.approx(ref_losses, abs=1e-6)
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
+    assert kept == [f"checkpoint-{STEPS - 2}", f"checkpoint-{STEPS}"]  # save_total_limit: 2
+
+
+def test_sigterm_saves_checkpoint_exits_130_then_resume_path(tmp_path, tiny_model, reference):
+    train = {**TRAIN, "save_steps": None}  # no periodic checkpoints: the signal alone must produce one
+    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=train)
+    log = tmp_path / "run.partial" / "metrics.jsonl"
+    proc = _start(r, "--json")
+    _wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err
+    hint = [line for line in err.splitlines() if "resume with:" in line]
+    assert len(hint) == 1 and hint[0].endswith(f"ftkit sft {r} --json --resume"), err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "interrupted" and summary["exit_code"] == 130
+    ckpt = tmp_path / "run.partial" / "checkpoints" / f"checkpoint-{summary['step']}"
+    assert (ckpt / "trainer_state.json").is_file()
+    assert not (tmp_path / "run").exists()
+
+    res = ftkit("sft", str(r), f"--resume={ckpt}")
+    assert res.returncode == 0, res.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["resumed_from_step"] == summary["step"] and m["steps"] == STEPS
+    assert max_abs_diff(adapter_tensors(tmp_path / "run"), adapter_tensors(reference)) <= 1e-6
+
+
+def test_deterministic_same_recipe_same_weights(tmp_path, tiny_model, reference):
+    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=TRAIN)
+    assert ftkit("sft", str(r)).returncode == 0
+    a, b = adapter_tensors(tmp_path / "run"), adapter_tensors(reference)
+    assert all(bool((a[k] == b[k]).all()) for k in a), "deterministic runs must be bit-identical"
+    init = adapter_tensors(tmp_path / "run" / "checkpoints" / f"checkpoint-{STEPS}")
+    assert max_abs_diff(a, init) == 0.0  # the final adapter is the last step's weights
+    r2 = recipe(tmp_path / "r2.yaml", tiny_model, _data(tmp_path), train={**TRAIN, "seed": 7},
+                output={"dir": str(tmp_path / "run7")})
+    assert ftkit("sft", str(r2)).returncode == 0
+    assert max_abs_diff(adapter_tensors(tmp_path / "run7"), b) > 1e-4  # the seed matters, so the test can fail
