@@ -198,6 +198,11 @@ def quickstart(output: str = typer.Option("runs/quickstart", "--output", "-o"),
     qs.run(recipe, output=output, overrides=set_)
 
 
+from ftkit.commands import deploy as _deploy  # noqa: E402
+
+_deploy.register(app, handle_errors)
+
+
 def main():
     app()
 
