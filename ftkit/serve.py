@@ -7,7 +7,6 @@ so the same request gives the same text. Every bad request gets OpenAI's error s
 4xx; streams end with an error event rather than a dropped connection.
 """
 
-from __future__ import annotations
 
 import json
 import secrets
@@ -244,10 +243,12 @@ def _eos_ids(tok, model) -> set:
 
 def _validation_message(errors: list) -> tuple[str, str | None]:
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ())]
     if first.get("type") == "json_invalid":
         return "We could not parse the JSON body of your request.", None
     where = ".".join(loc) or "body"
+    if first.get("type") == "missing":
+        return f"Missing required parameter: '{where}'.", (loc[0] if loc else None)
     return f"Invalid value for '{where}': {first.get('msg', 'invalid')}", (loc[0] if loc else None)
 
 
@@ -255,6 +256,8 @@ def build_app(engine: Engine, api_key: str | None = None):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import ValidationError
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="ftkit serve", docs_url=None, redoc_url=None, openapi_url=None)
@@ -368,15 +371,26 @@ def build_app(engine: Engine, api_key: str | None = None):
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatRequest):
+    async def parse(request: Request, schema):
+        # Parsed by hand so a missing or wrong Content-Type still gets JSON semantics, as OpenAI's API does.
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "We could not parse the JSON body of your request.") from None
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            message, param = _validation_message(exc.errors())
+            raise APIError(400, message, param=param) from None
+
+    def chat(req: ChatRequest):
         engine.check_model(req.model)
         prompts = [engine.chat_ids(req.messages)]
         budgets = prepare(req, prompts, req.max_completion_tokens or req.max_tokens)
         return run("chat", req, prompts, budgets, strip=True)
 
-    @app.post("/v1/completions")
-    def completions(req: CompletionRequest):
+    def completion(req: CompletionRequest):
         engine.check_model(req.model)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not texts:
@@ -385,6 +399,15 @@ def build_app(engine: Engine, api_key: str | None = None):
         budgets = prepare(req, prompts, req.max_tokens)
         # Raw continuation keeps its leading space ("The capital is" -> " Paris"), unlike a chat reply.
         return run("completion", req, prompts, budgets, strip=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        # Generation blocks; it runs in the worker pool so the event loop keeps answering (health, errors).
+        return await run_in_threadpool(chat, await parse(request, ChatRequest))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run_in_threadpool(completion, await parse(request, CompletionRequest))
 
     return app
 
@@ -419,6 +442,7 @@ def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
         raise UserError(f"--port: {port} is not a TCP port (0-65535)")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key: empty; give a key or leave the option out")
+    _listen(host, port).close()  # fail fast on a taken port, before a minute of model loading
     # A clean exit on SIGTERM too: uvicorn shuts down gracefully, then re-raises the signal here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     hw = detect()
@@ -441,4 +465,4 @@ def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
         pass
     finally:
         sock.close()
-    log("server stopped")
+        log("server stopped")
