@@ -126,6 +126,11 @@ def _add_tokenizer(writer, model_dir: Path, tok, vocab_size: int) -> None:
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
     if tok.chat_template and not special.chat_template:
         special.chat_template = tok.chat_template
+    # Say explicitly whether bos/eos wrap a prompt, as the HF tokenizer does; llama.cpp's default
+    # for a missing key differs between versions and vocab types.
+    ids = tok("x")["input_ids"]
+    special.add_special_token["bos"] = tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]
+    special.add_special_token["eos"] = tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id]
     special.add_to_gguf(writer, quiet=True)
 
 
