@@ -120,11 +120,14 @@ def test_rotary_permutation_matches_what_llama_cpp_readers_undo():
 
     from ftkit.export import _permute_rotary
 
-    w = np.arange(8 * 16 * 3, dtype=np.float32).reshape(8 * 16, 3)  # 8 heads of dim 16
-    permuted = _permute_rotary(w, 8, 2)  # as for k_proj with 2 kv heads... of 4 rows each 16
+    w = np.arange(128 * 3, dtype=np.float32).reshape(128, 3)  # a k_proj: 2 kv heads x 64 rows
+    permuted = _permute_rotary(w, 8, 2)
     assert not np.array_equal(permuted, w)
     undo = LlamaTensorProcessor(config={"num_attention_heads": 8, "num_key_value_heads": 2})
     assert np.array_equal(undo._reverse_permute_weights(permuted, 8, 2), w)
+    # One head of 4 rows: halves (0, 1 | 2, 3) become pairs (0, 2), (1, 3), as llama.cpp's rope reads them.
+    one = np.arange(4, dtype=np.float32).reshape(4, 1)
+    assert _permute_rotary(one, 1, 1).ravel().tolist() == [0, 2, 1, 3]
 
 
 @pytest.mark.parametrize("quant,tol", [("f16", 0.25), ("q8_0", 2.0)])
