@@ -239,9 +239,11 @@ def quickstart(output: str = typer.Option("runs/quickstart", "--output", "-o"),
     qs.run(recipe, output=output, overrides=set_)
 
 
+from ftkit.commands import deploy as _deploy  # noqa: E402
 from ftkit.commands.data import app as data_app  # noqa: E402  (typer sub-app; imports no torch)
 
 app.add_typer(data_app, name="data")
+_deploy.register(app, handle_errors)
 
 
 def main():

@@ -1,0 +1,40 @@
+"""`ftkit serve` and `ftkit export`: registered on the main app by ftkit.cli (imports stay light here)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+
+def serve(model: str = typer.Argument(..., help="Run dir, merged dir, model alias or hub id"),
+          host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: this machine only)"),
+          port: int = typer.Option(8000, "--port", help="TCP port"),
+          api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FTKIT_API_KEY",
+                                                help="Require 'Authorization: Bearer KEY' on every request "
+                                                     "(or set FTKIT_API_KEY)"),
+          name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: dir name)"),
+          base: Optional[str] = typer.Option(None, "--base", help="Base model for an adapter dir")):
+    """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
+    from ftkit.serve import serve as run_server
+    from ftkit.ui import log
+
+    run_server(model, host=host, port=port, api_key=api_key, name=name, base=base, log=log)
+
+
+def export(model: str = typer.Argument(..., help="Run dir (LoRA is merged first), merged dir, alias or .gguf"),
+           fmt: str = typer.Option(..., "--format", "-f", help="gguf | safetensors"),
+           quantize: str = typer.Option("f16", "--quantize", "-q",
+                                        help="gguf: f32 | f16 | q8_0 · safetensors: f32 | f16 | bnb-4bit"),
+           output: str = typer.Option(..., "--output", "-o", help="Output .gguf file, or dir for safetensors"),
+           overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output")):
+    """Export for deployment (GGUF for llama.cpp/Ollama, or a 4-bit checkpoint) and verify it reloads."""
+    from ftkit.export import export as run_export
+    from ftkit.ui import log
+
+    run_export(model, fmt, quantize, output, overwrite=overwrite, log=log)
+
+
+def register(app: typer.Typer, handle_errors) -> None:
+    app.command()(handle_errors(serve))
+    app.command()(handle_errors(export))

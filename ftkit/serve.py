@@ -1,0 +1,468 @@
+"""serve: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over a run dir, merged dir or base model.
+
+One model, one generation at a time: a lock queues concurrent requests (CPU inference gains
+nothing from interleaving, and a shared model is not safe to drive from two threads).
+Greedy requests use the same prompt rendering and generate() arguments as `ftkit generate`,
+so the same request gives the same text. Every bad request gets OpenAI's error shape and a
+4xx; streams end with an error event rather than a dropped connection.
+"""
+
+
+import json
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from ftkit.errors import UserError
+
+DEFAULT_MAX_TOKENS = 512  # when a request names none; OpenAI's "up to the context" is minutes on a CPU
+QUEUE_TIMEOUT_S = 600  # a request waits at most this long for the model before getting a 503
+STREAM_STALL_S = 300  # a stream gives up if the generation thread produces nothing for this long
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---- request schemas: unknown OpenAI fields are accepted and ignored; known ones are type-checked strictly.
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Open):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[StrictStr, list[TextPart], None] = None
+
+
+class StreamOptions(_Open):
+    include_usage: StrictBool = False
+
+
+class _Sampling(_Open):
+    model: StrictStr
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: StrictInt = Field(1, ge=1, le=1, description="one choice per request")
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    seed: StrictInt | None = None
+    logprobs: Union[StrictBool, StrictInt, None] = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[StrictStr, list[StrictStr]]
+
+
+# ---- generation
+
+@dataclass
+class Outcome:
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+
+
+class TextGate:
+    """Turns streamed pieces into the final text incrementally: trims like `ftkit generate` (strip)
+    and cuts at stop strings, holding back only what a later piece could still change."""
+
+    def __init__(self, stops: list[str], strip: bool):
+        self.stops, self.strip = [s for s in stops if s], strip
+        self.buf, self.started, self.stopped = "", not strip, False
+
+    def feed(self, piece: str) -> str:
+        self.buf += piece
+        if not self.started:
+            self.buf = self.buf.lstrip()
+            self.started = bool(self.buf)
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out = self.buf[: min(hits)]
+            self.buf = ""
+            return out.rstrip() if self.strip else out
+        keep = len(self.buf) - len(self.buf.rstrip()) if self.strip else 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        return out
+
+    def finish(self) -> str:
+        out, self.buf = self.buf, ""
+        return out.rstrip() if self.strip else out
+
+
+@dataclass
+class Engine:
+    model: object
+    tok: object
+    name: str
+    aliases: set = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+    def check_model(self, requested: str) -> None:
+        if requested != self.name and requested not in self.aliases:
+            raise APIError(404, f"The model `{requested}` does not exist; this server serves `{self.name}`.",
+                           param="model", code="model_not_found")
+
+    def chat_ids(self, messages: list[Message]) -> list[int]:
+        from ftkit.inference import render_prompt
+
+        msgs = []
+        for m in messages:
+            text = m.content if isinstance(m.content, str) else "".join(p.text for p in (m.content or []))
+            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        try:
+            text = render_prompt(self.tok, msgs)
+        except Exception as exc:  # the model's own template rejected the conversation (e.g. role order)
+            raise APIError(400, f"the model's chat template rejected these messages: {exc}", param="messages") from None
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def text_ids(self, prompt: str) -> list[int]:
+        return self.tok(prompt)["input_ids"]
+
+    def budget(self, prompt_len: int, requested: int | None) -> int:
+        room = self.context_length - prompt_len
+        if requested is None:
+            if room < 1:
+                raise APIError(400, f"This model's maximum context length is {self.context_length} tokens; the "
+                                    f"prompt has {prompt_len}.", param="messages", code="context_length_exceeded")
+            return min(DEFAULT_MAX_TOKENS, room)
+        if requested > room:
+            raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, you "
+                                f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} "
+                                "for the completion).", param="max_tokens", code="context_length_exceeded")
+        return requested
+
+    def stream(self, ids: list[int], max_tokens: int, req: _Sampling, strip: bool, outcome: Outcome) -> Iterator[str]:
+        """Text pieces of one completion, produced under the model lock; fills `outcome` at the end."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        if not self.lock.acquire(timeout=QUEUE_TIMEOUT_S):
+            raise APIError(503, "the server is busy; retry later", type_="server_error", code="overloaded")
+        cancel = threading.Event()
+        try:
+            class _Cancel(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kwargs):
+                    return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+
+            streamer = TextIteratorStreamer(self.tok, skip_prompt=True, timeout=STREAM_STALL_S,
+                                            skip_special_tokens=True)
+            # The same arguments as ftkit.inference.generate, so greedy text matches `ftkit generate`.
+            kw = dict(max_new_tokens=max_tokens, pad_token_id=self.tok.pad_token_id,
+                      eos_token_id=self.tok.eos_token_id, streamer=streamer,
+                      stopping_criteria=StoppingCriteriaList([_Cancel()]))
+            if req.temperature:
+                kw.update(do_sample=True, temperature=req.temperature, top_p=req.top_p)
+                if req.seed is not None:
+                    torch.manual_seed(req.seed)
+            else:
+                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            enc = torch.tensor([ids], device=self.model.device)
+            result: dict = {}
+
+            def work():
+                try:
+                    with torch.no_grad():
+                        result["out"] = self.model.generate(input_ids=enc, attention_mask=torch.ones_like(enc), **kw)
+                except BaseException as exc:  # surfaced to the request below
+                    result["error"] = exc
+                    streamer.end()
+
+            worker = threading.Thread(target=work, daemon=True, name="ftkit-generate")
+            worker.start()
+            stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+            gate = TextGate(stops, strip=strip)
+            try:
+                for piece in streamer:
+                    text = gate.feed(piece)
+                    if text:
+                        yield text
+                    if gate.stopped:
+                        break
+                if not gate.stopped:
+                    tail = gate.finish()
+                    if tail:
+                        yield tail
+            finally:
+                cancel.set()  # the client left or a stop string matched: free the model now
+                worker.join(timeout=STREAM_STALL_S)
+            if "error" in result:
+                raise result["error"]
+            new = result["out"][0, len(ids):].tolist() if "out" in result else []
+            outcome.completion_tokens = len(new)
+            hit_eos = bool(new) and new[-1] in _eos_ids(self.tok, self.model)
+            outcome.finish_reason = "length" if (len(new) >= max_tokens and not hit_eos and not gate.stopped) else "stop"
+        finally:
+            self.lock.release()
+
+
+def _eos_ids(tok, model) -> set:
+    ids = {tok.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return ids - {None}
+
+
+# ---- the app
+
+def _validation_message(errors: list) -> tuple[str, str | None]:
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ())]
+    if first.get("type") == "json_invalid":
+        return "We could not parse the JSON body of your request.", None
+    where = ".".join(loc) or "body"
+    if first.get("type") == "missing":
+        return f"Missing required parameter: '{where}'.", (loc[0] if loc else None)
+    return f"Invalid value for '{where}': {first.get('msg', 'invalid')}", (loc[0] if loc else None)
+
+
+def build_app(engine: Engine, api_key: str | None = None):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import ValidationError
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="ftkit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    def error(exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc.errors())
+        return error(APIError(400, message, param=param))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_=kind))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        return error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error"))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key is not None:
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(given.encode(), api_key.encode()):
+                return error(APIError(401, "Incorrect API key provided.", type_="invalid_request_error",
+                                      code="invalid_api_key"))
+        return await call_next(request)
+
+    def model_card() -> dict:
+        return {"id": engine.name, "object": "model", "created": created, "owned_by": "ftkit"}
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": engine.name}
+
+    @app.get("/v1/models")
+    def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def get_model(model_id: str):
+        engine.check_model(model_id)
+        return model_card()
+
+    def prepare(req: _Sampling, prompts: list[list[int]], max_tokens: int | None):
+        engine.check_model(req.model)
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported by ftkit serve", param="logprobs")
+        return [engine.budget(len(ids), max_tokens) for ids in prompts]
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    def run(kind: str, req: _Sampling, prompts: list[list[int]], budgets: list[int], strip: bool):
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        now = int(time.time())
+        if not req.stream:
+            choices, completion = [], 0
+            for i, (ids, budget) in enumerate(zip(prompts, budgets)):
+                outcome = Outcome()
+                text = "".join(engine.stream(ids, budget, req, strip, outcome))
+                completion += outcome.completion_tokens
+                body = ({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
+                choices.append({"index": i, **body, "logprobs": None, "finish_reason": outcome.finish_reason})
+            prompt_tokens = sum(len(p) for p in prompts)
+            return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": now,
+                    "model": engine.name, "choices": choices,
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                              "total_tokens": prompt_tokens + completion}}
+
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": obj, "created": now, "model": engine.name, "choices": [choice]}
+
+        def events():
+            completion = 0
+            try:
+                for i, (ids, budget) in enumerate(zip(prompts, budgets)):
+                    if kind == "chat":
+                        yield sse(chunk(i, None, None, first=True))
+                    outcome = Outcome()
+                    for piece in engine.stream(ids, budget, req, strip, outcome):
+                        yield sse(chunk(i, piece, None))
+                    completion += outcome.completion_tokens
+                    yield sse(chunk(i, None, outcome.finish_reason))
+                if req.stream_options and req.stream_options.include_usage:
+                    p = sum(len(x) for x in prompts)
+                    yield sse({"id": rid, "object": obj, "created": now, "model": engine.name, "choices": [],
+                               "usage": {"prompt_tokens": p, "completion_tokens": completion,
+                                         "total_tokens": p + completion}})
+            except APIError as exc:
+                yield sse(exc.body())
+            except Exception as exc:  # headers are out: report in-band, then end the stream cleanly
+                yield sse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error").body())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def parse(request: Request, schema):
+        # Parsed by hand so a missing or wrong Content-Type still gets JSON semantics, as OpenAI's API does.
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "We could not parse the JSON body of your request.") from None
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            message, param = _validation_message(exc.errors())
+            raise APIError(400, message, param=param) from None
+
+    def chat(req: ChatRequest):
+        engine.check_model(req.model)
+        prompts = [engine.chat_ids(req.messages)]
+        budgets = prepare(req, prompts, req.max_completion_tokens or req.max_tokens)
+        return run("chat", req, prompts, budgets, strip=True)
+
+    def completion(req: CompletionRequest):
+        engine.check_model(req.model)
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not texts:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        prompts = [engine.text_ids(t) for t in texts]
+        budgets = prepare(req, prompts, req.max_tokens)
+        # Raw continuation keeps its leading space ("The capital is" -> " Paris"), unlike a chat reply.
+        return run("completion", req, prompts, budgets, strip=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        # Generation blocks; it runs in the worker pool so the event loop keeps answering (health, errors).
+        return await run_in_threadpool(chat, await parse(request, ChatRequest))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run_in_threadpool(completion, await parse(request, CompletionRequest))
+
+    return app
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          name: str | None = None, base: str | None = None, log=print) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("ftkit serve needs FastAPI and uvicorn: pip install 'ftkit[serve]'") from None
+    from pathlib import Path
+
+    from ftkit.hardware import detect
+    from ftkit.inference import load_for_inference
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port: {port} is not a TCP port (0-65535)")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key: empty; give a key or leave the option out")
+    _listen(host, port).close()  # fail fast on a taken port, before a minute of model loading
+    # A clean exit on SIGTERM too: uvicorn shuts down gracefully, then re-raises the signal here.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    hw = detect()
+    model, tok = load_for_inference(target, dtype=hw.dtype, base=base, log=log)
+    path = Path(target).expanduser()
+    served = name or (path.resolve().name if path.exists() else target)
+    engine = Engine(model, tok, served, aliases={target})
+    app = build_app(engine, api_key=api_key)
+    sock = _listen(host, port)
+    bound = sock.getsockname()[1]
+    if host not in LOOPBACK and api_key is None:
+        log(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this port can use it")
+    log(f"serving [bold]{served}[/] on http://{host}:{bound}/v1 (OpenAI-compatible; model id {served!r})"
+        + (" · api key required" if api_key else "") + " · Ctrl-C to stop")
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="off",
+                            timeout_keep_alive=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+        log("server stopped")
