@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ftkit.errors import UserError
-from ftkit.evaluate import exact_match, prompts_and_references
+from ftkit.evaluate import generate_and_score, prompts_and_references
 from ftkit.recipe import check_files, load_recipe
 from ftkit.ui import console, log
 
@@ -17,11 +17,11 @@ RECIPE = REPO_ROOT / "recipes" / "quickstart.yaml"
 
 
 def _score(target: str, prompts, refs, dtype: str, base: str | None = None) -> tuple[float, list[str]]:
-    from ftkit.inference import generate, load_for_inference
+    from ftkit.inference import load_for_inference
 
     model, tok = load_for_inference(target, dtype=dtype, base=base, log=log)
-    preds = generate(model, tok, prompts, max_new_tokens=24)
-    return exact_match(preds, refs), preds
+    scores, preds = generate_and_score(model, tok, prompts, refs, ["exact_match"], max_new_tokens=24)
+    return scores["exact_match"], preds
 
 
 def run(recipe_path: str | None = None, output: str = "runs/quickstart", overrides: list[str] | None = None,
