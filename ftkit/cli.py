@@ -198,6 +198,11 @@ def quickstart(output: str = typer.Option("runs/quickstart", "--output", "-o"),
     qs.run(recipe, output=output, overrides=set_)
 
 
+from ftkit.commands import rlhf as _rlhf  # noqa: E402  (rm, dpo, kto, orpo, rl, score, pipeline)
+
+_rlhf.register(app)
+
+
 def main():
     app()
 

@@ -160,3 +160,6 @@ def to_canonical(rows: list[Row], fmt: str, columns: dict[str, str], system: str
         item["where"] = row.where
         out.append(item)
     return fmt, out
+
+
+from ftkit.data import preference as _preference  # noqa: E402,F401  (registers preference, unpaired, prompt)
