@@ -161,7 +161,9 @@ def merge_reward_model(src: Path, output: str, base: str | None = None, dtype: s
     from ftkit.inference import adapter_base_name, run_trust_remote_code
     from ftkit.merge import TOLERANCE, _base_dtype
     from ftkit.models import load_tokenizer, resolve_model, torch_dtype
+    from ftkit.ui import quiet_libraries
 
+    quiet_libraries()
     out = Path(output).expanduser()
     if out.resolve() == src.resolve():
         raise UserError("--output must differ from the adapter dir")
