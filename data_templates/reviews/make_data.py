@@ -75,6 +75,9 @@ def main():
         p, c, r = pair(rng, rng.choice(ITEMS))
         pairs.append({"prompt": p, "chosen": c, "rejected": r})
     write("pairs.jsonl", pairs)
+    unpaired = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"}
+                for r in pairs[:120] for k in ("chosen", "rejected")]
+    write("unpaired.jsonl", unpaired)
     evals = []
     for _ in range(48):
         p, c, r = pair(rng, rng.choice(HELD_OUT))

@@ -48,6 +48,9 @@ _FORMAT_HELP = {
 def check_stage(recipe: Recipe, produced: set[str] = frozenset()) -> None:
     """Stage-specific checks that load no model. `produced`: paths an earlier pipeline stage will create."""
     stage_format(recipe)
+    read_stage_rows(recipe, "train")  # bad rows fail here, before any model loads
+    if recipe.data.eval:
+        read_stage_rows(recipe, "eval")
     t = recipe.train
     if recipe.stage == "kto" and t.batch_size < 2:
         raise UserError(f"{recipe.where('train', 'batch_size')}: train.batch_size: kto needs at least 2 "
