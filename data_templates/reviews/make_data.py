@@ -79,7 +79,7 @@ def main():
                 for r in pairs[:120] for k in ("chosen", "rejected")]
     write("unpaired.jsonl", unpaired)
     evals = []
-    for _ in range(48):
+    for _ in range(32):
         p, c, r = pair(rng, rng.choice(HELD_OUT))
         evals.append({"prompt": p, "chosen": c, "rejected": r})
     write("pairs_eval.jsonl", evals)
