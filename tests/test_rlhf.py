@@ -35,12 +35,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def stage_recipe(tmp_path: Path, stage: str, model, train: Path, **sections) -> Path:
+def stage_recipe(tmp_path: Path, stage: str, model, data_file: Path, **sections) -> Path:
     recipe = {
         "stage": stage,
         "model": {"name": str(model)},
         "method": {"type": "lora", "r": 4, "alpha": 8},
-        "data": {"train": str(train), "max_length": 48},
+        "data": {"train": str(data_file), "max_length": 48},
         "train": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3},
         "output": {"dir": str(tmp_path / f"run-{stage}")},
     }
