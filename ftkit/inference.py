@@ -22,6 +22,9 @@ def adapter_base_name(adapter_dir: Path) -> str:
         data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
         name = (data.get("model") or {}).get("name")
         if name:
+            if is_adapter_dir(Path(name).expanduser()):
+                # Trained on top of another run (e.g. DPO after SFT), whose adapter was folded into this one.
+                return adapter_base_name(Path(name).expanduser())
             return name
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     name = cfg.get("base_model_name_or_path")
@@ -44,6 +47,8 @@ def load_for_inference(target: str, dtype: str = "float32", base: str | None = N
     if path.is_dir() and is_adapter_dir(path):
         from peft import PeftModel
 
+        if json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("task_type") == "SEQ_CLS":
+            raise UserError(f"{target}: a reward model scores text, it does not generate; use ftkit score {target}")
         trust = run_trust_remote_code(path)
         base_dir = resolve_model(base or adapter_base_name(path), log=log)
         model = load_causal_lm(base_dir, dtype, trust_remote_code=trust)

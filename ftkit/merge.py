@@ -62,6 +62,10 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
             f"{adapter}: a {peft_cfg.get('peft_type')} adapter has no weights to fold into the base; "
             "serve it as base + adapter instead (ftkit generate RUN_DIR works on it directly)"
         )
+    if peft_cfg.get("task_type") == "SEQ_CLS":  # a reward model: merged and verified on its scores
+        from ftkit.stages.rm import merge_reward_model
+
+        return merge_reward_model(src, output, base=base, dtype=dtype, overwrite=overwrite, log=log)
     out = Path(output).expanduser()
     if out.resolve() == src.resolve():
         raise UserError("--output must differ from the adapter dir")

@@ -44,7 +44,7 @@ def count_params(model) -> dict:
             "trainable_percent": round(100.0 * trainable / total, 4) if total else 0.0}
 
 
-def apply_method(model, method: MethodSection, log=print):
+def apply_method(model, method: MethodSection, log=print, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model
 
     if method.type == "lora":
@@ -52,7 +52,7 @@ def apply_method(model, method: MethodSection, log=print):
         log(f"LoRA r={method.r} alpha={method.alpha:g} on: {', '.join(targets)}")
         cfg = LoraConfig(
             r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, target_modules=targets,
-            task_type="CAUSAL_LM", bias="none",
+            task_type=task_type, bias="none",
         )
         return get_peft_model(model, cfg)
     raise UserError(f"method.type: {method.type!r} is not supported")

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ftkit.errors import UserError
 
-STAGES = ("sft", "pt")
+STAGES = ("sft", "pt", "rm", "dpo", "kto", "orpo", "rl")
 
 
 class _Strict(BaseModel):
@@ -52,8 +52,10 @@ class DataSection(_Strict):
                           "id (org/name, org/name:split); several sources are mixed"
     )
     eval: Union[str, list[str], None] = Field(None, description="held-out source(s); else eval_split of train")
-    format: Literal["auto", "messages", "alpaca", "sharegpt", "completion", "text"] = Field(
-        "auto", description="row format; auto detects from the columns"
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "completion", "text",
+                    "preference", "unpaired", "prompt"] = Field(
+        "auto", description="row format; auto detects from the columns (rm/dpo/orpo: preference, kto: unpaired, "
+        "rl: prompt)"
     )
     columns: dict[str, str] = Field(default_factory=dict, description="map the format's column names to yours")
     roles: dict[str, str] = Field(
@@ -156,6 +158,63 @@ class OutputSection(_Strict):
     dir: str | None = Field(None, description="run dir (default: runs/<recipe name>)")
 
 
+class PreferenceSection(_Strict):
+    """Stages rm, dpo, kto, orpo."""
+
+    beta: float = Field(0.1, gt=0, description="dpo/kto: strength of the pull towards the reference model; "
+                        "orpo: weight of the odds-ratio term (lambda)")
+    loss_type: str = Field("sigmoid", description="dpo loss: sigmoid | hinge | ipo | robust | ... (TRL's names)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: assumed share of flipped labels")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on desirable (true) rows")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on undesirable (false) rows")
+    center_rewards: float | None = Field(None, ge=0, description="rm: pull mean rewards towards 0 (TRL "
+                                         "center_rewards_coefficient, 0.01 is typical)")
+
+
+class RewardFunction(_Strict):
+    type: Literal["format", "length", "function"] = Field(..., description="format: 1 when the reply matches "
+                                                          "pattern; length: 1 at target_chars, falling to 0 at 0 "
+                                                          "and 2x; function: a module:function callable")
+    pattern: str | None = Field(None, description="format: a Python regex searched in the reply (DOTALL)")
+    target_chars: int | None = Field(None, gt=0, description="length: the reply length that scores 1")
+    function: str | None = Field(None, description="function: module:function, imported from the working dir "
+                                 "or beside the recipe; called as TRL reward functions are")
+    weight: float = Field(1.0, description="weight in the summed reward")
+
+    @model_validator(mode="after")
+    def _fields_for_type(self):
+        import re
+
+        need = {"format": "pattern", "length": "target_chars", "function": "function"}[self.type]
+        if getattr(self, need) is None:
+            raise ValueError(f"a {self.type} reward needs {need}")
+        for other in {"pattern", "target_chars", "function"} - {need}:
+            if getattr(self, other) is not None:
+                raise ValueError(f"{other} does not apply to a {self.type} reward (it takes {need})")
+        if self.type == "format":
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a valid regex: {exc}") from None
+        if self.type == "function" and not re.fullmatch(r"[\w.]+:\w+", self.function):
+            raise ValueError(f"function must look like package.module:function, got {self.function!r}")
+        return self
+
+
+class RLSection(_Strict):
+    """Stage rl (online RLHF with TRL; TRL 1.16 has no PPO)."""
+
+    algorithm: Literal["grpo", "rloo"] = Field("grpo", description="grpo | rloo")
+    reward_model: str | None = Field(None, description="an rm run dir (or a merged reward model dir)")
+    reward_model_weight: float = Field(1.0, description="weight of the reward model in the summed reward")
+    rewards: list[RewardFunction] = Field(default_factory=list, description="built-in or Python reward functions")
+    num_generations: int = Field(4, ge=2, description="replies sampled per prompt (the group compared)")
+    max_completion_length: int = Field(64, gt=0, description="max new tokens per reply")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature for the replies")
+    beta: float | None = Field(None, ge=0, description="KL pull towards the starting policy "
+                               "(default: TRL's, grpo 0.0 = no reference model, rloo 0.05)")
+
+
 class Recipe(_Strict):
     stage: Literal[STAGES] = Field("sft", description="training stage")  # type: ignore[valid-type]
     model: ModelSection = Field(default_factory=ModelSection)
@@ -167,6 +226,8 @@ class Recipe(_Strict):
     distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="multi-process strategy for --num-processes N / accelerate launch (ddp: plain data parallel)"
     )
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    rl: RLSection = Field(default_factory=RLSection)
 
     _source: str | None = PrivateAttr(None)
     _located: Any = PrivateAttr(None)

@@ -259,3 +259,6 @@ def from_canonical(item: dict, to: str) -> dict:
         raise UserError(f"{item['where']}: chat rows become text only through a chat template; "
                         "train on them as chat instead")
     raise UserError(f"--to {to}: unknown format; one of: messages, sharegpt, alpaca, completion, text")
+
+
+from ftkit.data import preference as _preference  # noqa: E402,F401  (registers preference, unpaired, prompt)

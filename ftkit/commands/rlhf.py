@@ -1,0 +1,85 @@
+"""CLI commands for the preference / RLHF stages and the pipeline (registered in ftkit/cli.py)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from ftkit.cli import OutputOpt, OverwriteOpt, SetOpt, _load, err, handle_errors
+
+RecipeArg = typer.Argument(..., help="Recipe YAML")
+
+
+def _stage(stage: str, recipe: str, overrides, output, overwrite):
+    from ftkit.pipeline import STAGE_RUNNERS
+
+    r = _load(recipe, overrides, stage)
+    STAGE_RUNNERS[stage](r, output=output, overwrite=overwrite)
+
+
+@handle_errors
+def rm(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, output: Optional[str] = OutputOpt,
+       overwrite: bool = OverwriteOpt):
+    """Reward model: a one-output classifier head trained on preference pairs (reports pairwise accuracy)."""
+    _stage("rm", recipe, set_, output, overwrite)
+
+
+@handle_errors
+def dpo(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, output: Optional[str] = OutputOpt,
+        overwrite: bool = OverwriteOpt):
+    """Direct preference optimisation on prompt/chosen/rejected pairs."""
+    _stage("dpo", recipe, set_, output, overwrite)
+
+
+@handle_errors
+def kto(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, output: Optional[str] = OutputOpt,
+        overwrite: bool = OverwriteOpt):
+    """KTO on unpaired replies labelled desirable (true) or not (false)."""
+    _stage("kto", recipe, set_, output, overwrite)
+
+
+@handle_errors
+def orpo(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, output: Optional[str] = OutputOpt,
+         overwrite: bool = OverwriteOpt):
+    """ORPO: SFT and preference in one loss, no reference model (TRL experimental)."""
+    _stage("orpo", recipe, set_, output, overwrite)
+
+
+@handle_errors
+def rl(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, output: Optional[str] = OutputOpt,
+       overwrite: bool = OverwriteOpt):
+    """Online RLHF (GRPO or RLOO) against a reward model and/or reward functions. TRL 1.16 has no PPO."""
+    _stage("rl", recipe, set_, output, overwrite)
+
+
+@handle_errors
+def score(model: str = typer.Argument(..., help="rm run dir or merged reward model dir"),
+          prompt: str = typer.Option(..., "--prompt", "-p", help="The user message"),
+          response: List[str] = typer.Option(..., "--response", "-r", help="A reply to score (repeatable)"),
+          system: Optional[str] = typer.Option(None, "--system", help="System message")):
+    """Score replies to a prompt with a reward model (higher = preferred)."""
+    from ftkit.hardware import detect
+    from ftkit.stages.rm import load_reward_model
+    from ftkit.stages.rm import score as run_score
+
+    m, tok = load_reward_model(model, dtype=detect().dtype, log=lambda s: err.print(s))
+    for value, reply in zip(run_score(m, tok, [(prompt, r) for r in response], system=system), response):
+        print(f"{value:.4f}\t{reply}")
+
+
+@handle_errors
+def pipeline(file: str = typer.Argument(..., help="Pipeline YAML (named stages, run in order)"),
+             force: bool = typer.Option(False, "--force", help="Re-run every stage, even finished ones"),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Validate every stage and show the plan only")):
+    """Run stages in order (sft -> rm -> rl ...), skipping finished ones; stops at the first failure."""
+    from ftkit.pipeline import run_pipeline
+
+    code = run_pipeline(file, force=force, dry_run=dry_run)
+    if code:
+        raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (rm, dpo, kto, orpo, rl, score, pipeline):
+        app.command(fn.__name__)(fn)

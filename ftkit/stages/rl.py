@@ -1,0 +1,163 @@
+"""Online RLHF: a thin adapter onto TRL's GRPOTrainer / RLOOTrainer. TRL 1.16 has no PPO.
+
+The policy samples `rl.num_generations` replies per prompt; each reply is scored by the
+reward model and/or reward functions (weighted sum), and the policy moves towards the
+replies that beat their group's average.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ftkit.errors import UserError
+from ftkit.recipe import Recipe, resolve_path
+from ftkit.rewards import format_reward, import_function, length_reward
+from ftkit.rundir import RunDir
+from ftkit.stages.common import attach_progress, default_output_dir, finite, setup_hardware, trainer_kwargs
+from ftkit.stages.preference import (change, check_stage, free_memory, load_stage_data, prepare_model, save_run,
+                                     series)
+from ftkit.ui import log
+
+
+def _search_dirs(recipe: Recipe) -> list[Path]:
+    dirs = [Path.cwd()]
+    if recipe._source:
+        dirs.append(Path(recipe._source).resolve().parent)
+    return dirs
+
+
+def _is_reward_model_dir(path: Path) -> bool:
+    from ftkit.stages.rm import is_reward_adapter
+
+    if is_reward_adapter(path):
+        return True
+    cfg = path / "config.json"
+    if cfg.is_file():
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+        return any(a.endswith("ForSequenceClassification") for a in data.get("architectures") or [])
+    return False
+
+
+def check_rl(recipe: Recipe, produced: set[str] = frozenset()) -> None:
+    rl, t = recipe.rl, recipe.train
+    if not rl.reward_model and not rl.rewards:
+        raise UserError(f"{recipe.where('rl')}: rl: no reward: set rl.reward_model (an rm run dir) and/or "
+                        "rl.rewards (format, length or function rewards)")
+    if rl.reward_model and rl.reward_model not in produced:
+        path = resolve_path(rl.reward_model, recipe._source)
+        if not path.is_dir():
+            raise UserError(f"{recipe.where('rl', 'reward_model')}: rl.reward_model: not a directory: {rl.reward_model}")
+        if not _is_reward_model_dir(path):
+            raise UserError(f"{recipe.where('rl', 'reward_model')}: rl.reward_model: {rl.reward_model} is not a "
+                            "reward model (an ftkit rm run dir, or a merged sequence classifier)")
+    if (t.batch_size * t.grad_accum) % rl.num_generations:
+        raise UserError(f"{recipe.where('train', 'batch_size')}: train.batch_size x train.grad_accum "
+                        f"({t.batch_size} x {t.grad_accum}) counts replies per step and must be a multiple of "
+                        f"rl.num_generations ({rl.num_generations}), so every prompt's group is complete")
+    for i, spec in enumerate(rl.rewards):
+        if spec.type == "function":
+            import_function(spec.function, _search_dirs(recipe), recipe.where("rl", "rewards", i, "function"))
+
+
+def build_rewards(recipe: Recipe, dtype: str) -> tuple[list, list, list[float], list[str]]:
+    """(reward_funcs, reward_processing_classes, weights, names) for TRL."""
+    from ftkit.stages.rm import load_reward_model
+
+    funcs, tokenizers, weights, names = [], [], [], []
+    rl = recipe.rl
+    if rl.reward_model:
+        path = resolve_path(rl.reward_model, recipe._source)
+        model, tok = load_reward_model(str(path), dtype=dtype, log=log)
+        model.config._name_or_path = "reward_model"  # TRL names its metric after this
+        funcs.append(model)
+        tokenizers.append(tok)
+        weights.append(rl.reward_model_weight)
+        names.append("reward_model")
+    for i, spec in enumerate(rl.rewards):
+        if spec.type == "format":
+            fn = format_reward(spec.pattern)
+        elif spec.type == "length":
+            fn = length_reward(spec.target_chars)
+        else:
+            fn = import_function(spec.function, _search_dirs(recipe), recipe.where("rl", "rewards", i, "function"))
+        funcs.append(fn)
+        tokenizers.append(None)
+        weights.append(spec.weight)
+        names.append(getattr(fn, "__name__", spec.type))
+    return funcs, tokenizers, weights, names
+
+
+def _reward_printer():
+    from transformers import TrainerCallback
+
+    class RewardLine(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                log(f"step {state.global_step}/{state.max_steps} · reward {logs['reward']:.4f} "
+                    f"(std {logs.get('reward_std', 0):.3f}) · reply length {logs.get('completions/mean_length', 0):.0f}")
+
+    return RewardLine()
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 6) if xs else None
+
+
+def run(recipe: Recipe, output: str | None = None, overwrite: bool = False) -> Path:
+    check_stage(recipe)
+    if recipe.rl.algorithm == "grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
+    else:
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
+
+    run_dir = RunDir(output or default_output_dir(recipe), overwrite=overwrite)
+    hw = setup_hardware(recipe)
+    prep = prepare_model(recipe, hw)
+    data = load_stage_data(recipe, prep.template)
+    funcs, tokenizers, weights, names = build_rewards(recipe, hw.dtype)
+    log(f"data: {data.rows} prompts, {data.eval_rows} eval prompts · rewards: "
+        + ", ".join(f"{n} x{w:g}" for n, w in zip(names, weights)))
+
+    work = run_dir.start()
+    rl = recipe.rl
+    extra = {"beta": rl.beta} if rl.beta is not None else {}
+    args = Config(**trainer_kwargs(recipe, hw, work, data.eval is not None), num_generations=rl.num_generations,
+                  max_completion_length=rl.max_completion_length, temperature=rl.temperature,
+                  reward_weights=weights, **extra)
+    trainer = Trainer(model=prep.model, reward_funcs=funcs, args=args, train_dataset=data.train,
+                      eval_dataset=data.eval, processing_class=prep.tokenizer, reward_processing_classes=tokenizers)
+    progress = attach_progress(trainer, work / "metrics.jsonl")
+    trainer.add_callback(_reward_printer())
+    t0 = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - t0
+    ev = trainer.evaluate() if data.eval is not None else {}
+
+    rewards = series(progress.history, "reward")
+    quarter = max(1, len(rewards) // 4)
+    metrics = {
+        "algorithm": rl.algorithm,
+        "train_loss": finite(result.training_loss),
+        "reward_first": rewards[0] if rewards else None,
+        "reward_last": rewards[-1] if rewards else None,
+        "reward_mean_first_quarter": _mean(rewards[:quarter]),
+        "reward_mean_last_quarter": _mean(rewards[-quarter:]),
+        "reward_by_step": rewards,
+        "rewards": {n: {"weight": w, "mean_first_quarter": _mean(series(progress.history, f"rewards/{n}/mean")[:quarter]),
+                        "mean_last_quarter": _mean(series(progress.history, f"rewards/{n}/mean")[-quarter:])}
+                    for n, w in zip(names, weights)},
+        "eval_reward": finite(ev.get("eval_reward")),
+        "prompts": data.rows,
+    }
+    final = save_run(recipe, hw, run_dir, work, trainer, prep, wall, metrics)
+    log(f"[green]done[/] in {wall:.1f}s · {trainer.state.global_step} steps"
+        + change(f"mean reward (first → last {quarter} steps)", metrics["reward_mean_first_quarter"],
+                 metrics["reward_mean_last_quarter"], ".4f")
+        + f" · run dir: {final}")
+    del trainer, prep, funcs
+    free_memory()
+    return final
