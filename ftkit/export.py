@@ -14,11 +14,11 @@ f32, the tokenizer as a gpt2-style BPE vocabulary with merges, token types and s
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from ftkit.atomic import publish, staged_dir
 from ftkit.errors import UserError, VerificationFailed
 from ftkit.inference import is_adapter_dir
 from ftkit.merge import PROBES
@@ -247,14 +247,6 @@ def _check_args(fmt: str, quant: str, out: Path, overwrite: bool) -> None:
         raise UserError(f"-o: {out} already exists; pass --overwrite to replace it")
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    tmp.rename(out)
-
-
 def export(target: str, fmt: str, quant: str, output: str, overwrite: bool = False, log=print) -> dict:
     out = Path(output).expanduser()
     _check_args(fmt, quant, out, overwrite)  # before the heavy imports: a typo costs no time
@@ -273,12 +265,8 @@ def export(target: str, fmt: str, quant: str, output: str, overwrite: bool = Fal
         model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32)
         model.eval()
         ref = _probe(model, tok)
-        tmp = out.parent / f".{out.name}.partial"
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
-        try:
+        with staged_dir(out) as tmp:
             if fmt == "gguf":
-                tmp.mkdir()
                 gguf_file = tmp / out.name
                 log(f"writing GGUF ({quant}) ...")
                 write_gguf(model, tok, src_dir, gguf_file, quant, name)
@@ -301,13 +289,10 @@ def export(target: str, fmt: str, quant: str, output: str, overwrite: bool = Fal
                     f"{report['top1_agreement']:.1%}; nothing written to {out}"
                 )
             if fmt == "gguf":
-                _replace(gguf_file, out)
+                publish(gguf_file, out)
             else:
                 (tmp / "ftkit_export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-                _replace(tmp, out)
-        finally:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
+                publish(tmp, out)
     size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     report["bytes"] = size
     log(f"[green]exported:[/] {out} ({size / 2**20:.1f} MiB)")

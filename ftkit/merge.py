@@ -8,9 +8,9 @@ AutoModelForCausalLM to check that what landed on disk is what was verified.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
+from ftkit.atomic import publish, staged_dir
 from ftkit.errors import UserError, VerificationFailed
 from ftkit.inference import adapter_base_name, is_adapter_dir, run_trust_remote_code
 from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
@@ -88,11 +88,7 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
     merged = model.merge_and_unload()
     diff_in_memory = (_probe_logits(merged, tok) - ref).abs().max().item()
 
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with staged_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         del merged, model
@@ -114,12 +110,7 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
                 f"merged model differs from base+adapter: max |logit diff| {diff:.3g} > tolerance {tol:g} ({dtype}); "
                 f"nothing written to {out}"
             )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp, out)
     log(f"verified: max |logit diff| merged vs base+adapter = {diff:.2e} (tolerance {TOLERANCE[dtype]:g}, {dtype})")
     log(f"[green]merged model:[/] {out}")
     return report

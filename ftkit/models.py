@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftkit.atomic import publish, staged_dir
 from ftkit.errors import UserError
 
 
@@ -79,20 +79,13 @@ def is_cached(name: str) -> str | None:
     return str(local) if _is_hf_dir(local) else None
 
 
-def _atomic_dir(final: Path):
-    """A temp dir beside `final`, renamed into place by the caller on success."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
 def convert_gguf(gguf_path: Path, out_dir: Path, log=print) -> Path:
     """De-quantize a .gguf into a safetensors HF dir (fp32), atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"converting {gguf_path.name} to a safetensors model dir (once; cached in {out_dir})")
-    tmp = _atomic_dir(out_dir)
-    try:
+    with staged_dir(out_dir) as tmp:
         src_dir, fname = str(gguf_path.parent), gguf_path.name
         loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
@@ -106,12 +99,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log=print) -> Path:
         plain.config.name_or_path = str(out_dir)
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp, out_dir)
     return out_dir
 
 

@@ -70,7 +70,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model, referen
     m = json.loads((run / "metrics.json").read_text())
     assert 4 <= m["resumed_from_step"] < STEPS, "the kill came too late to test a resume"
     assert m["steps"] == STEPS
-    assert f"resuming from" in res.stdout and f"step {m['resumed_from_step']}" in res.stdout
+    assert "resuming from" in res.stdout and f"step {m['resumed_from_step']}" in res.stdout
     steps = [h["step"] for h in read_jsonl(run / "metrics.jsonl") if h["kind"] == "train"]
     assert steps == list(range(1, STEPS + 1)), "the step count continues, and each step is logged once"
     # Same final weights as the uninterrupted run: the data order and RNG continued too.

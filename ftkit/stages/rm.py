@@ -4,10 +4,10 @@ preference pairs with TRL's RewardTrainer; plus loading, scoring and merging suc
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
+from ftkit.atomic import publish, staged_dir
 from ftkit.errors import UserError, VerificationFailed
 from ftkit.recipe import Recipe
 from ftkit.rundir import RunDir
@@ -184,11 +184,7 @@ def merge_reward_model(src: Path, output: str, base: str | None = None, dtype: s
     model.eval()
     ref = score(model, tok, PROBES)
     merged = model.merge_and_unload()
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with staged_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         del merged, model
@@ -203,12 +199,7 @@ def merge_reward_model(src: Path, output: str, base: str | None = None, dtype: s
         if not diff <= tol:
             raise VerificationFailed(f"merged reward model scores differ from base+adapter by {diff:.3g} > {tol:g} "
                                      f"({dtype}); nothing written to {out}")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp, out)
     log(f"verified: max |score diff| merged vs base+adapter = {diff:.2e} (tolerance {tol:g}, {dtype})")
     log(f"[green]merged reward model:[/] {out} (loads with AutoModelForSequenceClassification)")
     return report
