@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ftkit.data import prepare
-from ftkit.methods import apply_method, count_params
+from ftkit.methods import apply_method, count_params, load_kwargs, save_trained
 from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
 from ftkit.recipe import Recipe
 from ftkit.rundir import RunDir
@@ -28,8 +28,9 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False) -> P
         f"{ts['trained_tokens']:,} of {ts['tokens']:,} tokens trained ({recipe.data.train_on})")
 
     model = load_causal_lm(base, hw.dtype, trust_remote_code=recipe.model.trust_remote_code,
-                           revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation)
-    model = apply_method(model, recipe.method, log=log)
+                           revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation,
+                           **load_kwargs(base, recipe.method, hw, recipe.model.trust_remote_code))
+    model = apply_method(model, recipe.method, log=log, tokenizer=tok, base_path=base)
     params = count_params(model)
     log(f"trainable params: {params['trainable_params']:,} of {params['total_params']:,} "
         f"({params['trainable_percent']:.2f}%)")
@@ -50,7 +51,7 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False) -> P
     wall = time.perf_counter() - t0
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
 
-    trainer.model.save_pretrained(work, safe_serialization=True)
+    save_trained(trainer.model, work)
     if data.template is not None:
         tok.chat_template = data.template  # inference formats prompts exactly as training did
     tok.save_pretrained(work)
