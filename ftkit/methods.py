@@ -23,6 +23,8 @@ UNSUPPORTED = {
     ("bloom", "prefix"): "BLOOM's ALiBi attention sizes its bias from the input length, so the prefix's "
                          "extra key/value positions do not fit",
     ("bloom", "prompt"): "BLOOM's ALiBi attention mask does not cover the soft-prompt positions peft prepends",
+    ("opt", "prompt"): "OPT derives its learned positions from the attention mask, which goes out of step with "
+                       "the soft prompt in batched generation",
     ("falcon", "prefix"): "Falcon keeps fewer key/value heads than peft's prefix cache is built for",
     ("falcon", "qlora"): "Falcon's FalconLinear layers are not replaced by bitsandbytes, so nothing would be "
                          "quantized",
@@ -282,7 +284,7 @@ def apply_method(model, method: MethodSection, log=print, tokenizer=None, base_p
 
 
 def _preflight(model, tok, method: MethodSection) -> None:
-    """One padded forward pass and a 2-token generate, so a model/method pair peft cannot handle
+    """One padded forward pass and a short batched generate, so a model/method pair peft cannot handle
     becomes a clear error before the trainer starts (new architectures are not in UNSUPPORTED)."""
     import torch
 
@@ -294,9 +296,11 @@ def _preflight(model, tok, method: MethodSection) -> None:
             tok.padding_side = "right"
             enc = tok(["a b c d", "a"], return_tensors="pt", padding=True).to(model.device)
             model(**enc, labels=enc["input_ids"])
+            # Batched, left-padded, several steps: how `ftkit generate` decodes (some models only
+            # fail once the cache holds the virtual tokens and a padded row).
             tok.padding_side = "left"
-            enc = tok(["a b c d", "a"], return_tensors="pt", padding=True).to(model.device)
-            model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
+            enc = tok(["a b c d e f", "a"], return_tensors="pt", padding=True).to(model.device)
+            model.generate(**enc, min_new_tokens=3, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     except Exception as exc:  # any failure here means the combination does not work
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         arch = getattr(model.base_model.config, "model_type", type(model.base_model).__name__)
