@@ -13,9 +13,7 @@ from pathlib import Path
 from ftkit.errors import UserError
 from ftkit.recipe import MethodSection
 
-LORA_FAMILY = ("lora", "dora", "qlora")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")
-FULL_MODEL_METHODS = ("full", "freeze")
 
 # (model_type, method) combinations that cannot work with the installed peft/transformers, with
 # the reason. Checked from config.json before any weight is loaded; `_preflight` catches the rest.
@@ -323,7 +321,7 @@ def save_trained(model, out_dir) -> None:
     if hasattr(model, "peft_config"):
         model.save_pretrained(out, safe_serialization=True)
         return
-    # Freeze leaves requires_grad flags behind; they are not saved, but the config's cache flag is.
+    # Trainers may switch the KV cache off while training; the saved model is for inference.
     model.config.use_cache = True
     model.save_pretrained(out, safe_serialization=True)
 

@@ -216,3 +216,21 @@ def test_freeze_changes_only_the_last_blocks_and_named_modules(tiny_model, chat_
     assert any(k.startswith("model.layers.1.") for k in changed) and "model.norm.weight" in changed
     m = _metrics(run)
     assert m["method"] == "freeze" and 0 < m["trainable_percent"] < 100
+
+
+def test_arch_table_renders_what_ran():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("arch_table", REPO / "scripts" / "arch_matrix_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = {"versions": {"peft": "0.21"}, "results": {
+        "bloom": {"lora": {"status": "ok", "checks": {"targets": ["dense", "query_key_value"]}},
+                  "prefix": {"status": "unsupported", "reason": "ALiBi"}},
+        "gpt2": {"lora": {"status": "failed"}}}}
+    lines = mod.table(data).splitlines()
+    bloom = next(line for line in lines if line.startswith("| bloom"))
+    assert "| yes |" in bloom and "refused (exit 2) [1]" in bloom and "not run" in bloom
+    assert "dense, query_key_value" in bloom
+    assert "**FAILED**" in next(line for line in lines if line.startswith("| gpt2"))
+    assert "[1] ALiBi" in lines[lines.index("") + 1]
