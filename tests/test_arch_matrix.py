@@ -99,7 +99,7 @@ def _generate(target: Path) -> list[str]:
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_method_on_arch(arch_root, family, method, tmp_path):
+def test_method_on_arch(arch_root, family, method, tmp_path, monkeypatch):
     t0 = time.perf_counter()
     record = RESULTS.setdefault(family, {})[method] = {"status": "failed"}
     recipe = load_recipe(_recipe(arch_root, family, method))
@@ -110,6 +110,11 @@ def test_method_on_arch(arch_root, family, method, tmp_path):
             sft.run(recipe, overwrite=True)
         # Refused before training: no run dir, nothing half-written.
         assert not run_dir.exists() and not Path(f"{run_dir}.partial").exists()
+        # The entry is still needed: without it the pair fails too (caught by the pre-training checks).
+        monkeypatch.setattr("ftkit.methods.UNSUPPORTED", {})
+        with pytest.raises(UserError, match="does not work on|quantized no layer"):
+            sft.run(recipe, overwrite=True)
+        assert not run_dir.exists()
         record.update(status="unsupported", reason=UNSUPPORTED[(family, method)], message=str(exc.value))
         return
 
