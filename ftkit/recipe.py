@@ -80,10 +80,9 @@ class MethodSection(_Strict):
 
     @model_validator(mode="after")
     def _fields_match_type(self):
-        kind = "lora" if self.type == "dora" else self.type
         for fields, types in _METHOD_FIELDS.items():
             for f in fields:
-                if f in self.model_fields_set and self.type not in types and kind not in types:
+                if f in self.model_fields_set and self.type not in types:
                     raise ValueError(f"method.{f} applies to type {' | '.join(types)}, not {self.type!r}")
         if self.type == "prompt":
             if self.prompt_init == "text" and not self.prompt_init_text:
