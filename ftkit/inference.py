@@ -41,6 +41,17 @@ def run_trust_remote_code(run_dir: Path) -> bool:
     return False
 
 
+def _quantized_like_training(run_dir: Path, dtype: str) -> dict:
+    """A QLoRA adapter learned to correct the quantized base, so it is served on that same base."""
+    from ftkit.methods import quantization_kwargs, run_bits, run_method
+
+    if run_method(run_dir) != "qlora":
+        return {}
+    import torch
+
+    return quantization_kwargs(run_bits(run_dir), dtype, "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_for_inference(target: str, dtype: str = "float32", base: str | None = None, log=print):
     """(model, tokenizer) for a run/adapter dir (base + adapter), a merged/HF dir, an alias or a hub id."""
     path = Path(target).expanduser()
@@ -51,7 +62,7 @@ def load_for_inference(target: str, dtype: str = "float32", base: str | None = N
             raise UserError(f"{target}: a reward model scores text, it does not generate; use ftkit score {target}")
         trust = run_trust_remote_code(path)
         base_dir = resolve_model(base or adapter_base_name(path), log=log)
-        model = load_causal_lm(base_dir, dtype, trust_remote_code=trust)
+        model = load_causal_lm(base_dir, dtype, trust_remote_code=trust, **_quantized_like_training(path, dtype))
         model = PeftModel.from_pretrained(model, str(path))
         tok_src = str(path) if (path / "tokenizer_config.json").is_file() else base_dir
         tok = load_tokenizer(tok_src, trust)

@@ -13,6 +13,7 @@ from pathlib import Path
 from ftkit.atomic import publish, staged_dir
 from ftkit.errors import UserError, VerificationFailed
 from ftkit.inference import adapter_base_name, is_adapter_dir, run_trust_remote_code
+from ftkit.methods import quantization_kwargs, run_bits, run_method
 from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
 
 # Max |logit difference| accepted per dtype: merging reorders float ops, so exact equality
@@ -32,7 +33,45 @@ def _probe_logits(model, tok):
     enc = tok(PROBES, return_tensors="pt", padding=True).to(model.device)
     with torch.no_grad():
         logits = model(**enc).logits.float()
-    return logits * enc["attention_mask"].unsqueeze(-1)
+    # On the CPU so logits of models on different devices (quantized on GPU, reloaded on CPU) compare.
+    return (logits * enc["attention_mask"].unsqueeze(-1)).cpu()
+
+
+NOT_MERGEABLE = {"PREFIX_TUNING": "prefix-tuning", "PROMPT_TUNING": "prompt-tuning", "P_TUNING": "p-tuning"}
+
+
+def _dequantized_with_adapter(base_dir: str, adapter_dir: Path, bits: int, dtype: str, trust: bool, tok):
+    """(dequantized base + adapter, its logits, logits of the model as trained: quantized base + adapter).
+
+    The adapter learned to correct the *quantized* weights, so it is merged into those weights
+    de-quantized (not into the original full-precision ones): the merged model then computes
+    what the QLoRA model computed, and the reference is that trained model itself.
+    """
+    from peft import PeftModel
+    from transformers.pytorch_utils import Conv1D
+
+    from ftkit.models import torch_dtype
+
+    model = load_causal_lm(base_dir, dtype, trust_remote_code=trust, **quantization_kwargs(bits, dtype, "cpu"))
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    trained = _probe_logits(model, tok)
+    base = model.unload()  # drops the adapter layers, keeps the quantized base
+    quantized = [n for n, m in base.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    base = base.dequantize(dtype=torch_dtype(dtype))
+    weights = {n: base.get_submodule(n).weight.detach() for n in quantized}
+    del base, model
+    # bitsandbytes swaps each layer for its own Linear (a Conv1D comes back transposed), so the
+    # de-quantized values go into a plain instance of the architecture, not the swapped one.
+    plain = load_causal_lm(base_dir, dtype, trust_remote_code=trust)
+    for name, w in weights.items():
+        target = plain.get_submodule(name)
+        w = w.t() if isinstance(target, Conv1D) else w
+        target.weight.data.copy_(w.to(target.weight.dtype))
+    del weights
+    model = PeftModel.from_pretrained(plain, str(adapter_dir))
+    model.eval()
+    return model, _probe_logits(model, tok), trained
 
 
 def _base_dtype(base_dir: str) -> str:
@@ -52,16 +91,24 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
     src = Path(adapter).expanduser()
     if not src.is_dir():
         raise UserError(f"{adapter}: not a directory")
+    method = run_method(src)
     if not is_adapter_dir(src):
         if (src / "config.json").is_file():
-            raise UserError(f"{adapter}: already a full model (no adapter_config.json); nothing to merge")
+            trained = f" (a method.type: {method} run dir)" if method else ""
+            raise UserError(f"{adapter}: already a full model{trained}, nothing to merge; use the dir directly: "
+                            f"`ftkit generate {adapter}` or AutoModelForCausalLM.from_pretrained")
         raise UserError(f"{adapter}: not a run or adapter dir (no adapter_config.json)")
     peft_cfg = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
-    if peft_cfg.get("peft_type") not in ("LORA", None):
+    peft_type = peft_cfg.get("peft_type")
+    if peft_type in NOT_MERGEABLE:
         raise UserError(
-            f"{adapter}: a {peft_cfg.get('peft_type')} adapter has no weights to fold into the base; "
-            "serve it as base + adapter instead (ftkit generate RUN_DIR works on it directly)"
+            f"{adapter}: a {NOT_MERGEABLE[peft_type]} adapter is not mergeable: it adds trained virtual tokens to "
+            "every forward pass instead of changing weights, so there is nothing to fold into the base. Serve it "
+            f"as base + adapter: `ftkit generate {adapter}`, or in Python "
+            f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {str(src)!r})"
         )
+    if peft_type not in ("LORA", None):
+        raise UserError(f"{adapter}: merge-lora merges LoRA adapters; this one is {peft_type}")
     if peft_cfg.get("task_type") == "SEQ_CLS":  # a reward model: merged and verified on its scores
         from ftkit.stages.rm import merge_reward_model
 
@@ -79,12 +126,17 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
     if dtype not in TOLERANCE:
         raise UserError(f"--dtype: must be one of auto, {', '.join(TOLERANCE)}")
     trust = run_trust_remote_code(src)
-    log(f"merging {src} into {base_name} ({dtype})")
     tok = load_tokenizer(str(src) if (src / "tokenizer_config.json").is_file() else base_dir, trust)
-    model = load_causal_lm(base_dir, dtype, trust_remote_code=trust)
-    model = PeftModel.from_pretrained(model, str(src))
-    model.eval()
-    ref = _probe_logits(model, tok)
+    if method == "qlora":
+        bits = run_bits(src)
+        log(f"merging {src} into {base_name}, de-quantized from {bits}-bit to {dtype}")
+        model, ref, trained = _dequantized_with_adapter(base_dir, src, bits, dtype, trust, tok)
+    else:
+        log(f"merging {src} into {base_name} ({dtype})")
+        model = load_causal_lm(base_dir, dtype, trust_remote_code=trust)
+        model = PeftModel.from_pretrained(model, str(src))
+        model.eval()
+        ref = _probe_logits(model, tok)
     merged = model.merge_and_unload()
     diff_in_memory = (_probe_logits(merged, tok) - ref).abs().max().item()
 
@@ -99,11 +151,23 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
 
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype(dtype), trust_remote_code=trust)
         reloaded.eval()
-        diff = (_probe_logits(reloaded, tok) - ref).abs().max().item()
+        got = _probe_logits(reloaded, tok)
         del reloaded
+        diff = (got - ref).abs().max().item()
         tol = TOLERANCE[dtype]
         report = {"max_abs_logit_diff": diff, "in_memory_diff": diff_in_memory, "tolerance": tol, "dtype": dtype,
-                  "base": base_name, "adapter": str(src)}
+                  "base": base_name, "adapter": str(src), "method": method or "lora"}
+        if method == "qlora":
+            # vs the quantized model as trained: 4-bit layers compute with exactly the de-quantized
+            # weights, so the gap is rounding; LLM.int8 also quantizes activations, so 8-bit has a
+            # real (reported, not gated) gap.
+            report["dequantized_from_bits"] = bits
+            report["quantized_gap"] = gap = (got - trained).abs().max().item()
+            log(f"merged vs the {bits}-bit model as trained: max |logit diff| {gap:.2e}")
+            if bits == 4 and not gap <= tol:
+                raise VerificationFailed(
+                    f"merged model differs from the 4-bit base + adapter it was trained as: max |logit diff| "
+                    f"{gap:.3g} > tolerance {tol:g} ({dtype}); nothing written to {out}")
         (tmp / "ftkit_merge.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if not diff <= tol:
             raise VerificationFailed(

@@ -1,33 +1,148 @@
-"""PEFT methods: wrap a loaded base model as the recipe's method.type asks."""
+"""Training methods: how the loaded base is loaded (qlora), wrapped (peft) or frozen (full/freeze), and saved.
+
+Adapter methods (lora, dora, qlora, prefix, prompt) save a peft adapter dir; full and freeze
+save a whole model dir that AutoModelForCausalLM loads directly.
+"""
 
 from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
 
 from ftkit.errors import UserError
 from ftkit.recipe import MethodSection
 
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")
 
-def linear_module_names(model) -> list[str]:
-    """Leaf names of every linear layer inside the model body (not the LM head)."""
+# (model_type, method) combinations that cannot work with the installed peft/transformers, with
+# the reason. Checked from config.json before any weight is loaded; `_preflight` catches the rest.
+UNSUPPORTED = {
+    ("bloom", "prefix"): "BLOOM's ALiBi attention sizes its bias from the input length, so the prefix's "
+                         "extra key/value positions do not fit",
+    ("bloom", "prompt"): "BLOOM's ALiBi attention mask does not cover the soft-prompt positions peft prepends",
+    ("opt", "prompt"): "OPT derives its learned positions from the attention mask, which goes out of step with "
+                       "the soft prompt in batched generation",
+    ("falcon", "prefix"): "Falcon keeps fewer key/value heads than peft's prefix cache is built for",
+    ("falcon", "qlora"): "Falcon's FalconLinear layers are not replaced by bitsandbytes, so nothing would be "
+                         "quantized",
+}
+_ALTERNATIVE = {"prefix": "lora or prompt", "prompt": "lora or prefix", "qlora": "lora"}
+
+# Router/gate layers of mixture-of-experts blocks steer token routing; adapting them is not
+# what "attention + MLP" means and destabilizes training.
+_NOT_AUTO = {"gate", "router", "w_gate"}
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def model_type_of(base: str, trust_remote_code: bool = False) -> str | None:
+    cfg = Path(base) / "config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    try:  # a hub id: its config is small and usually cached
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code).model_type
+    except Exception:
+        return None  # loading will report the real problem
+
+
+def check_supported(model_type: str | None, method: MethodSection) -> None:
+    why = UNSUPPORTED.get((model_type, method.type))
+    if why:
+        raise UserError(
+            f"method.type: {method.type} does not work on {model_type} models: {why} "
+            f"(peft {_version('peft')}, transformers {_version('transformers')}). "
+            f"Use method.type: {_ALTERNATIVE.get(method.type, 'lora')} for this model."
+        )
+
+
+def quantization_kwargs(bits: int, compute_dtype: str, device: str) -> dict:
+    """from_pretrained kwargs that load the base 4-bit (nf4 + double quant) or 8-bit via bitsandbytes."""
+    import os
+
+    from transformers import BitsAndBytesConfig
+
+    from ftkit.models import torch_dtype
+
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"method.type: qlora needs a CPU or CUDA device; bitsandbytes does not run on {device}")
+    if bits == 4:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch_dtype(compute_dtype))
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    # Quantized weights cannot be moved after loading, so each process places its copy now.
+    where = "cpu" if device == "cpu" else int(os.environ.get("LOCAL_RANK", "0"))
+    return {"quantization_config": q, "device_map": {"": where}}
+
+
+def load_kwargs(base: str, method: MethodSection, hw, trust_remote_code: bool = False) -> dict:
+    """Extra load_causal_lm kwargs for this method; refuses unsupported model/method pairs first."""
+    check_supported(model_type_of(base, trust_remote_code), method)
+    if method.type != "qlora":
+        return {}
+    return quantization_kwargs(method.bits, hw.dtype, hw.device)
+
+
+# ------------------------------------------------------------------------------ modules
+
+
+def decoder_blocks(model) -> tuple[str, list]:
+    """(path, blocks) of the repeated transformer blocks, found as the ModuleList of num_hidden_layers."""
+    import torch.nn as nn
+
+    n = getattr(model.config, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for name, m in lists:
+        if len(m) == n:
+            return name, list(m)
+    if lists:  # configs without num_hidden_layers: the longest list is the block stack
+        name, m = max(lists, key=lambda x: len(x[1]))
+        return name, list(m)
+    raise UserError(f"could not find the transformer blocks of {type(model).__name__}")
+
+
+def _linear_types():
     import torch.nn as nn
     from transformers.pytorch_utils import Conv1D
 
+    return (nn.Linear, Conv1D)
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of every linear layer inside the model body (not the LM head)."""
     out_emb = model.get_output_embeddings()
     names = set()
     for full, module in model.named_modules():
         if module is out_emb or full.split(".")[-1] in ("lm_head", "score", "embed_out"):
             continue
-        if isinstance(module, (nn.Linear, Conv1D)):
+        if isinstance(module, _linear_types()):
             names.add(full.split(".")[-1])
     return sorted(names)
 
 
+def block_linear_names(model) -> list[str]:
+    """Leaf names of the linear layers inside the transformer blocks: attention + MLP projections."""
+    _, blocks = decoder_blocks(model)
+    names = set()
+    for block in blocks:
+        for full, module in block.named_modules():
+            if isinstance(module, _linear_types()):
+                names.add(full.split(".")[-1])
+    return sorted(names - _NOT_AUTO)
+
+
 def resolve_targets(model, method: MethodSection) -> list[str]:
     available = linear_module_names(model)
-    if method.target_modules in ("auto", "all-linear"):
-        # Attention + MLP projections of every block: the set LoRA papers and peers target.
-        if not available:
-            raise UserError(f"method.target_modules: found no linear layers in {type(model).__name__} to adapt")
+    if not available:
+        raise UserError(f"method.target_modules: found no linear layers in {type(model).__name__} to adapt")
+    if method.target_modules == "all-linear":
         return available
+    if method.target_modules == "auto":
+        return block_linear_names(model) or available
     missing = [m for m in method.target_modules if m not in available]
     if missing:
         raise UserError(
@@ -37,22 +152,208 @@ def resolve_targets(model, method: MethodSection) -> list[str]:
     return list(method.target_modules)
 
 
+def _top_level_names(model) -> list[str]:
+    """Module leaf names outside the blocks (embeddings, final norm, head): what modules_to_save is for."""
+    prefix, _ = decoder_blocks(model)
+    names = set()
+    for full, _m in model.named_modules():
+        if full and not full.startswith(prefix + "."):
+            names.add(full.split(".")[-1])
+    return sorted(n for n in names if not n.isdigit())
+
+
+def _check_module_names(model, names: list[str], field: str) -> None:
+    leaves = {full.split(".")[-1] for full, _ in model.named_modules()}
+    missing = [n for n in names if n not in leaves]
+    if missing:
+        raise UserError(f"method.{field}: {', '.join(missing)} not found in {type(model).__name__}; "
+                        f"candidates: {', '.join(_top_level_names(model))}")
+
+
+# ------------------------------------------------------------------------------ applying
+
+
 def count_params(model) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    if hasattr(model, "get_nb_trainable_parameters"):
+        # peft counts 4-bit packed weights at their real size (two values per stored byte).
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total,
             "trainable_percent": round(100.0 * trainable / total, 4) if total else 0.0}
 
 
-def apply_method(model, method: MethodSection, log=print, task_type: str = "CAUSAL_LM"):
+def _lora(model, method: MethodSection, log, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model
 
-    if method.type == "lora":
-        targets = resolve_targets(model, method)
-        log(f"LoRA r={method.r} alpha={method.alpha:g} on: {', '.join(targets)}")
-        cfg = LoraConfig(
-            r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, target_modules=targets,
-            task_type=task_type, bias="none",
-        )
-        return get_peft_model(model, cfg)
+    targets = resolve_targets(model, method)
+    if method.modules_to_save:
+        _check_module_names(model, method.modules_to_save, "modules_to_save")
+    dora = method.use_dora or method.type == "dora"
+    flavor = ("Q" if method.type == "qlora" else "") + ("DoRA" if dora else "LoRA") + (" (rsLoRA)" if method.rslora else "")
+    log(f"{flavor} r={method.r} alpha={method.alpha:g} on: {', '.join(targets)}"
+        + (f" · trained in full: {', '.join(method.modules_to_save)}" if method.modules_to_save else ""))
+    cfg = LoraConfig(
+        r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, target_modules=targets,
+        use_rslora=method.rslora, use_dora=dora, modules_to_save=method.modules_to_save or None,
+        task_type=task_type, bias="none",
+    )
+    return get_peft_model(model, cfg)
+
+
+def _qlora(model, method: MethodSection, log, task_type: str = "CAUSAL_LM"):
+    from peft import prepare_model_for_kbit_training
+
+    quantized = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    if not quantized:
+        raise UserError(f"method.type: qlora: bitsandbytes quantized no layer of {type(model).__name__}; "
+                        "use method.type: lora for this model")
+    log(f"base loaded {method.bits}-bit ({'nf4, double quant' if method.bits == 4 else 'LLM.int8'}): "
+        f"{len(quantized)} linear layers quantized")
+    # Checkpointing is the trainer's call (train.activation_checkpointing), not a side effect here.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return _lora(model, method, log, task_type)
+
+
+def _virtual_tokens(model, method: MethodSection, log, base_path: str | None):
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    n = method.num_virtual_tokens
+    if method.type == "prefix":
+        cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                 prefix_projection=method.prefix_projection,
+                                 encoder_hidden_size=method.encoder_hidden_size or model.config.hidden_size)
+        log(f"prefix-tuning: {n} virtual tokens per layer"
+            + (" through a projection MLP" if method.prefix_projection else ""))
+    else:
+        text = method.prompt_init == "text"
+        if text and base_path is None:
+            raise UserError("method.prompt_init: text needs the base model's tokenizer")
+        cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n,
+                                 prompt_tuning_init="TEXT" if text else "RANDOM",
+                                 prompt_tuning_init_text=method.prompt_init_text if text else None,
+                                 tokenizer_name_or_path=base_path if text else None)
+        log(f"prompt-tuning: {n} virtual tokens, init "
+            + (f"from text {method.prompt_init_text!r}" if text else "random"))
+    return get_peft_model(model, cfg)
+
+
+def _freeze(model, method: MethodSection, log):
+    prefix, blocks = decoder_blocks(model)
+    if method.trainable_modules:
+        _check_module_names(model, method.trainable_modules, "trainable_modules")
+    n = min(method.trainable_layers, len(blocks))
+    first = len(blocks) - n
+    block_re = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    wanted = set(method.trainable_modules)
+    for name, p in model.named_parameters():
+        m = block_re.match(name)
+        in_last = m is not None and int(m.group(1)) >= first
+        named = bool(wanted.intersection(name.split(".")[:-1]))
+        p.requires_grad_(in_last or named)
+    log((f"freeze: training the last {n} of {len(blocks)} blocks ({prefix}.{first}-{len(blocks) - 1})" if n
+         else "freeze: all blocks frozen")
+        + (f" + modules named {', '.join(method.trainable_modules)}" if method.trainable_modules else ""))
+    return model
+
+
+def apply_method(model, method: MethodSection, log=print, tokenizer=None, base_path: str | None = None,
+                 task_type: str = "CAUSAL_LM"):
+    """Wrap or freeze `model` for training as method.type asks; with a tokenizer, prefix/prompt are
+    test-run on a tiny batch first so an unsupported architecture fails here, not mid-training.
+    task_type SEQ_CLS: a reward model (LoRA methods only)."""
+    check_supported(getattr(model.config, "model_type", None), method)
+    if method.type in ("lora", "dora"):
+        return _lora(model, method, log, task_type)
+    if method.type == "qlora":
+        return _qlora(model, method, log)
+    if method.type in VIRTUAL_TOKEN_METHODS:
+        peft_model = _virtual_tokens(model, method, log, base_path)
+        if tokenizer is not None:
+            _preflight(peft_model, tokenizer, method)
+        return peft_model
+    if method.type == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        log("full fine-tuning: every weight is trained")
+        return model
+    if method.type == "freeze":
+        return _freeze(model, method, log)
     raise UserError(f"method.type: {method.type!r} is not supported")
+
+
+def _preflight(model, tok, method: MethodSection) -> None:
+    """One padded forward pass and a short batched generate, so a model/method pair peft cannot handle
+    becomes a clear error before the trainer starts (new architectures are not in UNSUPPORTED)."""
+    import torch
+
+    side = tok.padding_side
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            tok.padding_side = "right"
+            enc = tok(["a b c d", "a"], return_tensors="pt", padding=True).to(model.device)
+            model(**enc, labels=enc["input_ids"])
+            # Batched, left-padded, several steps: how `ftkit generate` decodes (some models only
+            # fail once the cache holds the virtual tokens and a padded row).
+            tok.padding_side = "left"
+            enc = tok(["a b c d e f", "a"], return_tensors="pt", padding=True).to(model.device)
+            model.generate(**enc, min_new_tokens=3, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    except Exception as exc:  # any failure here means the combination does not work
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        arch = getattr(model.base_model.config, "model_type", type(model.base_model).__name__)
+        raise UserError(
+            f"method.type: {method.type} does not work on {arch} models with peft {_version('peft')} "
+            f"(a test forward pass failed: {type(exc).__name__}: {first}). "
+            f"Use method.type: {_ALTERNATIVE[method.type]} for this model."
+        ) from None
+    finally:
+        tok.padding_side = side
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------------------ saving
+
+
+def save_trained(model, out_dir, trainer=None) -> None:
+    """An adapter dir for peft methods; a full safetensors model dir for full/freeze.
+
+    With a trainer, its save_model writes: it gathers sharded (FSDP/DeepSpeed) weights and
+    writes on rank 0 only."""
+    out = Path(out_dir)
+    if not hasattr(model, "peft_config"):
+        # Trainers may switch the KV cache off while training; the saved model is for inference.
+        model.config.use_cache = True
+    if trainer is not None:
+        trainer.save_model(str(out))
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+
+
+def run_method(run_dir: Path) -> str | None:
+    """method.type a run dir was trained with (from its recipe.yaml), if known."""
+    import yaml
+
+    recipe = Path(run_dir) / "recipe.yaml"
+    if not recipe.is_file():
+        return None
+    data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    return (data.get("method") or {}).get("type")
+
+
+def run_bits(run_dir: Path) -> int:
+    import yaml
+
+    data = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text(encoding="utf-8")) or {}
+    return int((data.get("method") or {}).get("bits", 4))
+
+
+def _version(pkg: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return "?"

@@ -36,14 +36,64 @@ class ModelSection(_Strict):
     attn_implementation: str | None = Field(None, description="eager | sdpa | flash_attention_2 ... (None: transformers' default)")
 
 
+METHODS = ("lora", "dora", "qlora", "prefix", "prompt", "full", "freeze")
+
+# Which method.type each field means something for; setting it for another type is an error,
+# because a silently ignored knob reads as "I tuned that" when nothing changed.
+_METHOD_FIELDS = {
+    ("r", "alpha", "dropout", "target_modules", "rslora", "use_dora", "modules_to_save"): ("lora", "dora", "qlora"),
+    ("bits",): ("qlora",),
+    ("num_virtual_tokens",): ("prefix", "prompt"),
+    ("prefix_projection", "encoder_hidden_size"): ("prefix",),
+    ("prompt_init", "prompt_init_text"): ("prompt",),
+    ("trainable_layers", "trainable_modules"): ("freeze",),
+}
+
+
 class MethodSection(_Strict):
-    type: Literal["lora"] = Field("lora", description="PEFT method")
+    type: Literal[METHODS] = Field(  # type: ignore[valid-type]
+        "lora", description="lora | dora | qlora | prefix | prompt | full | freeze")
+    # LoRA family (lora, dora, qlora)
     r: int = Field(16, gt=0, description="LoRA rank")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
     target_modules: Union[Literal["auto", "all-linear"], list[str]] = Field(
         "auto", description="auto (attention + MLP projections), all-linear, or a list of module names"
     )
+    rslora: bool = Field(False, description="rank-stabilized LoRA: scale = alpha / sqrt(r)")
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (also `type: dora`)")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="modules trained in full and saved with the adapter (e.g. lm_head)")
+    # qlora
+    bits: Literal[4, 8] = Field(4, description="qlora: load the base in 4-bit nf4 (double quant) or 8-bit")
+    # prefix / prompt tuning
+    num_virtual_tokens: int = Field(20, gt=0, description="prefix/prompt: number of virtual tokens")
+    prefix_projection: bool = Field(False, description="prefix: reparametrize the prefix through a 2-layer MLP")
+    encoder_hidden_size: int | None = Field(
+        None, gt=0, description="prefix: hidden size of that MLP (default: the model's hidden size)")
+    prompt_init: Literal["random", "text"] = Field("random", description="prompt: soft prompt init")
+    prompt_init_text: str | None = Field(None, description="prompt: text whose embeddings start the soft prompt")
+    # freeze
+    trainable_layers: int = Field(2, ge=0, description="freeze: train the last N transformer blocks")
+    trainable_modules: list[str] = Field(
+        default_factory=list, description="freeze: also train modules with these names (e.g. norm, lm_head)")
+
+    @model_validator(mode="after")
+    def _fields_match_type(self):
+        for fields, types in _METHOD_FIELDS.items():
+            for f in fields:
+                if f in self.model_fields_set and self.type not in types:
+                    raise ValueError(f"method.{f} applies to type {' | '.join(types)}, not {self.type!r}")
+        if self.type == "prompt":
+            if self.prompt_init == "text" and not self.prompt_init_text:
+                raise ValueError("method.prompt_init: text needs method.prompt_init_text")
+            if self.prompt_init_text and self.prompt_init != "text":
+                raise ValueError("method.prompt_init_text is only used with prompt_init: text")
+        if self.type == "freeze" and self.trainable_layers == 0 and not self.trainable_modules:
+            raise ValueError("method.trainable_layers is 0 and trainable_modules is empty: nothing would train")
+        if self.type == "dora" and "use_dora" in self.model_fields_set and not self.use_dora:
+            raise ValueError("method.use_dora: false contradicts type: dora")
+        return self
 
 
 class DataSection(_Strict):
@@ -344,7 +394,7 @@ def _format_errors(err: ValidationError, where: str, located: _Located | None, o
         else:
             got = e.get("input")
             got_txt = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-            msg = e["msg"]
+            msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "literal_error":
                 msg = msg.replace("Input should be", "must be one of:")
             out.append(f"{place}: {dotted}: {msg}{got_txt}")

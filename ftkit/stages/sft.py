@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ftkit.data import prepare
-from ftkit.methods import apply_method, count_params
+from ftkit.methods import apply_method, count_params, load_kwargs, save_trained
 from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
 from ftkit.recipe import Recipe
 from ftkit.rundir import RunDir
@@ -33,8 +33,9 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
         f"{ts['trained_tokens']:,} of {ts['tokens']:,} tokens trained ({recipe.data.train_on})")
 
     model = load_causal_lm(base, hw.dtype, trust_remote_code=recipe.model.trust_remote_code,
-                           revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation)
-    model = apply_method(model, recipe.method, log=log)
+                           revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation,
+                           **load_kwargs(base, recipe.method, hw, recipe.model.trust_remote_code))
+    model = apply_method(model, recipe.method, log=log, tokenizer=tok, base_path=base)
     params = count_params(model)
     log(f"trainable params: {params['trainable_params']:,} of {params['total_params']:,} "
         f"({params['trainable_percent']:.2f}%)")
@@ -79,7 +80,7 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
         eval_metrics = trainer.evaluate() if eval_ds is not None else {}
 
     with explain_write_errors(work):
-        trainer.save_model(str(work))  # gathers sharded (FSDP/DeepSpeed) weights; writes on rank 0 only
+        save_trained(trainer.model, work, trainer=trainer)
         if is_main_process():
             (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe says it all
             if data.template is not None:
