@@ -114,11 +114,29 @@ app.command("eval")(handle_errors(ci.eval_command))
 app.command("report")(handle_errors(ci.report_command))
 
 
+def _is_pipeline_file(path: str) -> bool:
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path, encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False  # the recipe loader reports these with file:line
+    return isinstance(data, dict) and "stages" in data and "stage" not in data
+
+
 @app.command()
 @handle_errors
 def validate(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt):
     """Check a recipe (schema, values, files) without loading any model."""
     t0 = time.perf_counter()
+    if _is_pipeline_file(recipe):
+        from ftkit.pipeline import run_pipeline
+
+        if set_:
+            raise UserError("--set applies to one recipe; a pipeline file sets overrides per stage (set:)")
+        run_pipeline(recipe, dry_run=True)
+        err.print(f"[green]ok[/] {recipe} ({(time.perf_counter() - t0) * 1000:.0f} ms)")
+        return
     r = _load(recipe, set_)
     print(r.to_yaml(), end="")
     err.print(f"[green]ok[/] {recipe} ({(time.perf_counter() - t0) * 1000:.0f} ms)")

@@ -124,3 +124,19 @@ def test_stage_mismatch_is_bad_input(tmp_path, data_file):
     p = _write(tmp_path, f"stage: pt\ndata:\n  train: {data_file}\n")
     res = ftkit("sft", str(p))
     assert res.returncode == 2 and f"{p}:1" in res.stderr and "ftkit pt" in res.stderr
+
+
+def test_validate_accepts_a_pipeline_file():
+    from conftest import REPO
+
+    res = ftkit("validate", str(REPO / "recipes" / "pipeline-rlhf.yaml"), cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert "3 stages validated" in " ".join(res.stdout.split())
+
+
+def test_every_shipped_recipe_validates():
+    from conftest import REPO
+
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        res = ftkit("validate", str(path), cwd=REPO)
+        assert res.returncode == 0, (path, res.stderr)
