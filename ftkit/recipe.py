@@ -96,6 +96,15 @@ class MethodSection(_Strict):
         return self
 
 
+def _method_field_applies(field: str, method_type: str) -> bool:
+    if field == "use_dora" and method_type == "dora":
+        return False  # implied by the type
+    for fields, types in _METHOD_FIELDS.items():
+        if field in fields:
+            return method_type in types
+    return True
+
+
 class DataSection(_Strict):
     train: Union[str, list[str], None] = Field(
         None, description="source(s): .json, .jsonl, .csv, .parquet, .txt, a save_to_disk dir, or a hub dataset "
@@ -292,7 +301,11 @@ class Recipe(_Strict):
         return f"{src}:{line}" if line else src
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """Every field, resolved; method fields that do not apply to method.type are left out, since
+        naming one is an error (so the written recipe loads again and reproduces the run)."""
+        data = self.model_dump(mode="json")
+        data["method"] = {k: v for k, v in data["method"].items() if _method_field_applies(k, self.method.type)}
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------- loading

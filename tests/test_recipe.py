@@ -44,6 +44,18 @@ def test_resolved_recipe_round_trips(tmp_path, data_file):
     assert again.model_dump() == r.model_dump()
 
 
+def test_every_shipped_recipe_round_trips_through_its_resolved_form(tmp_path):
+    """The recipe.yaml a run writes must load again, for every method and stage we ship."""
+    from conftest import REPO
+
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        if path.name.startswith("pipeline"):
+            continue
+        r = load_recipe(path)
+        again = load_recipe(_write(tmp_path, r.to_yaml(), f"resolved-{path.name}"))
+        assert again.model_dump() == r.model_dump(), path
+
+
 def test_unknown_key_suggests_and_names_line(tmp_path, data_file):
     p = _write(tmp_path, f"""
         data:
