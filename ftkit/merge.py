@@ -84,6 +84,25 @@ def _base_dtype(base_dir: str) -> str:
     return "float32"
 
 
+def merge_inputs(src: Path, output: str, base: str | None, dtype: str, overwrite: bool, log):
+    """What every merge needs, checked before any weights load: the output path, the base (name and
+    local dir), the dtype, the run's trust_remote_code and its tokenizer (with its chat template)."""
+    out = Path(output).expanduser()
+    if out.resolve() == src.resolve():
+        raise UserError("--output must differ from the adapter dir")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--output: {out} already exists and is not empty; pass --overwrite to replace it")
+    base_name = base or adapter_base_name(src)
+    base_dir = resolve_model(base_name, log=log)
+    if dtype == "auto":
+        dtype = _base_dtype(base_dir)
+    if dtype not in TOLERANCE:
+        raise UserError(f"--dtype: must be one of auto, {', '.join(TOLERANCE)}")
+    trust = run_trust_remote_code(src)
+    tok = load_tokenizer(str(src) if (src / "tokenizer_config.json").is_file() else base_dir, trust)
+    return out, base_name, base_dir, dtype, trust, tok
+
+
 def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = "auto",
                overwrite: bool = False, log=print) -> dict:
     from peft import PeftModel
@@ -113,20 +132,7 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
         from ftkit.stages.rm import merge_reward_model
 
         return merge_reward_model(src, output, base=base, dtype=dtype, overwrite=overwrite, log=log)
-    out = Path(output).expanduser()
-    if out.resolve() == src.resolve():
-        raise UserError("--output must differ from the adapter dir")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output: {out} already exists and is not empty; pass --overwrite to replace it")
-
-    base_name = base or adapter_base_name(src)
-    base_dir = resolve_model(base_name, log=log)
-    if dtype == "auto":
-        dtype = _base_dtype(base_dir)
-    if dtype not in TOLERANCE:
-        raise UserError(f"--dtype: must be one of auto, {', '.join(TOLERANCE)}")
-    trust = run_trust_remote_code(src)
-    tok = load_tokenizer(str(src) if (src / "tokenizer_config.json").is_file() else base_dir, trust)
+    out, base_name, base_dir, dtype, trust, tok = merge_inputs(src, output, base, dtype, overwrite, log)
     if method == "qlora":
         bits = run_bits(src)
         log(f"merging {src} into {base_name}, de-quantized from {bits}-bit to {dtype}")

@@ -158,25 +158,13 @@ def merge_reward_model(src: Path, output: str, base: str | None = None, dtype: s
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from ftkit.inference import adapter_base_name, run_trust_remote_code
-    from ftkit.merge import TOLERANCE, _base_dtype
-    from ftkit.models import load_tokenizer, resolve_model, torch_dtype
+    from ftkit.merge import TOLERANCE, merge_inputs
+    from ftkit.models import torch_dtype
     from ftkit.ui import quiet_libraries
 
     quiet_libraries()
-    out = Path(output).expanduser()
-    if out.resolve() == src.resolve():
-        raise UserError("--output must differ from the adapter dir")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output: {out} already exists and is not empty; pass --overwrite to replace it")
-    base_name = base or adapter_base_name(src)
-    base_dir = resolve_model(base_name, log=log)
-    dtype = _base_dtype(base_dir) if dtype == "auto" else dtype
-    if dtype not in TOLERANCE:
-        raise UserError(f"--dtype: must be one of auto, {', '.join(TOLERANCE)}")
-    trust = run_trust_remote_code(src)
+    out, base_name, base_dir, dtype, trust, tok = merge_inputs(src, output, base, dtype, overwrite, log)
     log(f"merging reward model {src} into {base_name} ({dtype})")
-    tok = load_tokenizer(str(src) if (src / "tokenizer_config.json").is_file() else base_dir, trust)
     model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1, dtype=torch_dtype(dtype),
                                                                trust_remote_code=trust)
     model.config.pad_token_id = tok.pad_token_id
