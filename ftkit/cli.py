@@ -259,9 +259,11 @@ def quickstart(output: str = typer.Option("runs/quickstart", "--output", "-o"),
 
 from ftkit.commands import deploy as _deploy  # noqa: E402
 from ftkit.commands import rlhf as _rlhf  # noqa: E402  (rm, dpo, kto, orpo, rl, score, pipeline)
+from ftkit.commands.bench import bench_command  # noqa: E402
 from ftkit.commands.data import app as data_app  # noqa: E402  (typer sub-app; imports no torch)
 
 app.add_typer(data_app, name="data")
+app.command("bench")(handle_errors(bench_command))
 _deploy.register(app, handle_errors)
 _rlhf.register(app)
 
