@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from ftkit.errors import UserError
 
@@ -151,7 +152,9 @@ class TrainSection(_Strict):
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
     learning_rate: float = Field(2.0e-4, gt=0)
-    batch_size: int = Field(4, gt=0, description="per-device batch size")
+    batch_size: Union[Literal["auto"], PositiveInt] = Field(
+        4, description="per-device batch size; auto (sft/pt): on a GPU start at 64k tokens of rows and halve on "
+        "out-of-memory, on a CPU 4")
     grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -164,6 +167,10 @@ class TrainSection(_Strict):
     activation_checkpointing: Union[Literal["auto"], bool] = Field(
         "auto", description="trade compute for memory; auto: off on CPU, off on GPU unless asked"
     )
+    liger: Union[Literal["auto"], bool] = Field(
+        "auto", description="Liger fused kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy), sft/pt; "
+        "auto: on for CUDA GPUs when liger-kernel is installed and supports the architecture")
+    compile: bool = Field(False, description="torch.compile the model, sft/pt (the first steps pay the compile)")
     num_threads: int | None = Field(None, gt=0, description="CPU threads (default: all cores)")
     save_steps: int | None = Field(
         None, gt=0, description="save a resumable checkpoint every N steps (default: only when interrupted)"
@@ -290,6 +297,17 @@ class Recipe(_Strict):
 
     _source: str | None = PrivateAttr(None)
     _located: Any = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _speed_levers_for_sft(self) -> Recipe:
+        if self.stage not in ("sft", "pt"):
+            t = self.train
+            for name, bad in (("batch_size", t.batch_size == "auto"), ("liger", t.liger is True),
+                              ("compile", t.compile)):
+                if bad:
+                    raise ValueError(f"train.{name}: {getattr(t, name)} applies to the sft and pt stages, "
+                                     f"not {self.stage}")
+        return self
     _origin: dict = PrivateAttr(default_factory=dict)
 
     def where(self, *path: Any) -> str:
@@ -410,6 +428,11 @@ def _format_errors(err: ValidationError, where: str, located: _Located | None, o
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "literal_error":
                 msg = msg.replace("Input should be", "must be one of:")
+            named = msg.split(":", 1)[0].split(" ", 1)[0]  # cross-field checks start with the field they blame
+            field_path = tuple(named.split(".")) if "." in named else None
+            if e["type"] == "value_error" and field_path and located is not None and located.line_of(field_path):
+                out.append(f"{where}:{located.line_of(field_path)}: {msg}")
+                continue
             out.append(f"{place}: {dotted}: {msg}{got_txt}")
     return "\n".join(out)
 

@@ -28,7 +28,7 @@ def project(metrics: dict, history: list[dict], recipe) -> dict:
     t = recipe.train
     packing = metrics.get("packing") or {}
     rows = packing["rows"] if packing.get("enabled") else metrics["data"]["train"]["kept"]
-    per_step = t.batch_size * t.grad_accum * metrics.get("world_size", 1)
+    per_step = metrics["global_batch_size"]
     total = t.max_steps or math.ceil(math.ceil(rows / per_step) * t.epochs)
     return {"timed_steps": metrics["steps"], "seconds_per_step": round(s_per_step, 3),
             "tokens_per_s": round(tokens_per_s, 1) if tokens_per_s else None,

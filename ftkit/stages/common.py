@@ -13,6 +13,7 @@ from pathlib import Path
 from ftkit.errors import UserError
 from ftkit.hardware import Hardware, detect
 from ftkit.recipe import Recipe
+from ftkit.speed import batch_size
 from ftkit.ui import console, is_main_process, log, quiet_libraries
 
 
@@ -55,8 +56,8 @@ def trainer_kwargs(recipe: Recipe, hw: Hardware, out_dir: Path, has_eval: bool) 
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
+        per_device_train_batch_size=batch_size(recipe, hw),
+        per_device_eval_batch_size=batch_size(recipe, hw),
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ftkit import speed
 from ftkit.data import prepare
 from ftkit.methods import apply_method, count_params, load_kwargs, save_trained
 from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
@@ -25,6 +26,7 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
 
     run_dir = RunDir(output or default_output_dir(recipe), overwrite=overwrite, resume=resume is not None)
     hw = setup_hardware(recipe)
+    speed.check_levers(recipe, hw)
     base = resolve_model(recipe.model.name, log=log)
     tok = load_tokenizer(base, recipe.model.trust_remote_code, recipe.model.revision)
     data = prepare(recipe, tok, log=log, cache=use_cache)
@@ -42,8 +44,11 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
 
     train_ds, eval_ds = data.to_datasets()
     work = run_dir.work
+    levers = speed.speed_kwargs(recipe, hw, model.config.model_type)
+    log(speed.describe(levers, speed.batch_size(recipe, hw)))
     args = SFTConfig(  # in a multi-process run this joins the process group
         **trainer_kwargs(recipe, hw, work, eval_ds is not None),
+        **levers,
         max_length=recipe.data.max_length,
         packing=recipe.data.packing,
         # bfd keeps sample boundaries and turns on padding-free batches with per-sample position_ids, from
@@ -104,7 +109,10 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
         "resumed_from_step": resumed_from,
         "world_size": world_size(),
         "distributed": recipe.distributed if world_size() > 1 else None,
-        "global_batch_size": recipe.train.batch_size * recipe.train.grad_accum * world_size(),
+        "batch_size": trainer._train_batch_size,  # per device; batch_size: auto may have halved it
+        "global_batch_size": trainer._train_batch_size * recipe.train.grad_accum * world_size(),
+        "speed": {"liger": levers["use_liger_kernel"], "compile": levers["torch_compile"],
+                  "auto_batch": levers["auto_find_batch_size"]},
         "epochs": round(trainer.state.epoch or 0, 4),
         "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
