@@ -17,7 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    """The embedded SmolLM2-135M-Instruct as an HF dir (fetched and converted once into FTKIT_HOME)."""
+    """The embedded SmolLM2-135M-Instruct as an HF dir (fetched and converted once into FTKIT_HOME).
+    FTKIT_TEST_BASE names a dir with only its config and tokenizer instead, for machines without the
+    model (the lent GPU): enough for every test built on tiny_model."""
+    if os.environ.get("FTKIT_TEST_BASE"):
+        return Path(os.environ["FTKIT_TEST_BASE"])
     from ftkit.models import resolve_model
 
     return Path(resolve_model("smollm2-135m-instruct"))
