@@ -20,7 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+TRIM = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim "
+        "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def main():
@@ -28,6 +34,9 @@ def main():
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--template", choices=["model", "trim"], default="model",
+                    help="model: the tokenizer's template; trim: a Llama-3-style one that trims contents, "
+                    "which takes the reference (render every prefix) path")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ftkit-bench-"))
 
@@ -45,11 +54,14 @@ def main():
     data = tmp / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     recipe = tmp / "r.yaml"
-    recipe.write_text(f"model: {{name: {args.model}}}\ndata: {{train: {data}, max_length: 4096}}\n", encoding="utf-8")
+    template = {"model": None, "trim": TRIM}[args.template]
+    recipe.write_text(yaml.safe_dump({"model": {"name": args.model},
+                                      "data": {"train": str(data), "max_length": 4096, "template": template}}),
+                      encoding="utf-8")
     r = load_recipe(recipe)
     tok = load_tokenizer(resolve_model(r.model.name))
     dcache.cache_root = lambda: tmp / "data-cache"  # a throwaway cache, not the user's
-    template = resolve_template(tok, None)
+    template = resolve_template(tok, template)
     texts = [tok.apply_chat_template(x["messages"], chat_template=template, tokenize=False) for x in rows]
 
     quiet = lambda *_: None  # noqa: E731
@@ -74,7 +86,7 @@ def main():
     hit_s = time.perf_counter() - t0
     assert hit.cache == "hit"
 
-    print(f"rows: {args.rows} · tokens: {n:,} · cpus: {os.cpu_count()}")
+    print(f"rows: {args.rows} · tokens: {n:,} · cpus: {os.cpu_count()} · template: {args.template}")
     print(f"raw tokenizer(texts):        {n / raw_s:>12,.0f} tok/s  (best of {args.repeat}: {raw_s:.2f} s)")
     print(f"ftkit prepare (no cache):    {n / ftkit_s:>12,.0f} tok/s  (best of {args.repeat}: {ftkit_s:.2f} s)  "
           f"= {raw_s / ftkit_s:.2f}x raw (best/best); median of paired ratios {ratios[len(ratios) // 2]:.2f}x")

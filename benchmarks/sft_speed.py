@@ -45,7 +45,11 @@ VARIANTS = {
     "trl_liger": ("trl", {"activation_checkpointing": False, "packing": True, "use_liger_kernel": True}),
     "trl_compile": ("trl", {"activation_checkpointing": False, "packing": True, "use_liger_kernel": True,
                             "torch_compile": True}),
+    # QLoRA: TRL is handed the base loaded in 4-bit nf4 (double quant), as its docs show.
+    "trl_qlora": ("trl", {"activation_checkpointing": False, "qlora": True}),
+    "trl_qlora_cpu": ("trl", {"bf16": False, "fp16": False, "activation_checkpointing": False, "qlora": True}),
     "ftkit": ("ftkit", []),
+    "ftkit_qlora": ("ftkit", ["method.type=qlora"]),
     "ftkit_packing": ("ftkit", ["data.packing=true"]),
     "ftkit_lowmem": ("ftkit", ["data.packing=true", "train.activation_checkpointing=true"]),
     "ftkit_compile": ("ftkit", ["data.packing=true", "train.compile=true"]),
@@ -55,8 +59,8 @@ DEFAULT = {
     "cuda": ["trl_defaults", "trl_nopack", "trl_tuned", "trl_liger", "trl_compile",
              "ftkit", "ftkit_packing", "ftkit_lowmem", "ftkit_compile"],
 }
-BASELINES = {"cpu": ("trl_defaults", "trl_fp32", "trl_fp32_packing"),
-             "cuda": ("trl_defaults", "trl_nopack", "trl_tuned", "trl_liger", "trl_compile")}
+BASELINES = {"cpu": ("trl_defaults", "trl_fp32", "trl_fp32_packing", "trl_qlora_cpu"),
+             "cuda": ("trl_defaults", "trl_nopack", "trl_tuned", "trl_liger", "trl_compile", "trl_qlora")}
 
 
 def workload(device: str, work: Path, base: str | None) -> dict:
@@ -134,6 +138,16 @@ def worker(name: str, device: str, w: dict, steps: int, warmup: int, out: Path) 
         from ftkit.recipe import load_recipe
 
         tok = AutoTokenizer.from_pretrained(w["model"])
+        settings = dict(settings)
+        model = w["model"]
+        if settings.pop("qlora", False):
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+            compute = torch.float32 if settings.get("bf16") is False else torch.bfloat16
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=compute)
+            model = AutoModelForCausalLM.from_pretrained(w["model"], quantization_config=q, dtype=compute,
+                                                         device_map={"": "cpu" if device == "cpu" else 0})
         # The very tokens ftkit trains on (from its data cache after the first prepare).
         prepared = prepare(load_recipe(None, recipe_items(w, steps, out, [])), tok, log=lambda *_: None)
         train, _ = prepared.to_datasets()
@@ -151,7 +165,7 @@ def worker(name: str, device: str, w: dict, steps: int, warmup: int, out: Path) 
                          use_cpu=device == "cpu", max_length=w["max_length"], disable_tqdm=True,
                          include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
                          **({"packing_strategy": "bfd"} if settings.get("packing") else {}), **settings)
-        trainer = SFTTrainer(model=w["model"], args=args, train_dataset=ids, processing_class=tok,
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ids, processing_class=tok,
                              peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
                                                     task_type="CAUSAL_LM"),
                              callbacks=[Clock()])

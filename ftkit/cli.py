@@ -88,26 +88,23 @@ def _train(stage: str, recipe: str, overrides, output, overwrite, **ci_opts):
     ci.train(stage, r, output=output, overwrite=overwrite, **ci_opts)
 
 
-@app.command()
-@handle_errors
-def sft(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
-        output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt,
-        resume: Optional[str] = ci.ResumeOpt, num_processes: int = ci.NumProcessesOpt,
-        as_json: bool = ci.JsonOpt, fail_if: Optional[List[str]] = ci.FailIfOpt, no_cache: bool = NoCacheOpt):
-    """Supervised fine-tuning (chat, instruction or completion data)."""
-    _train("sft", recipe, set_, output, overwrite, resume=resume, num_processes=num_processes, as_json=as_json,
-           fail_if=fail_if, no_cache=no_cache)
+def _train_command(stage: str, doc: str):
+    """sft and pt: the same options, each with its own name and help text."""
+
+    def command(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
+                output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt,
+                resume: Optional[str] = ci.ResumeOpt, num_processes: int = ci.NumProcessesOpt,
+                as_json: bool = ci.JsonOpt, fail_if: Optional[List[str]] = ci.FailIfOpt,
+                no_cache: bool = NoCacheOpt):
+        _train(stage, recipe, set_, output, overwrite, resume=resume, num_processes=num_processes,
+               as_json=as_json, fail_if=fail_if, no_cache=no_cache)
+
+    command.__name__, command.__qualname__, command.__doc__ = stage, stage, doc
+    app.command(stage)(handle_errors(command))
 
 
-@app.command()
-@handle_errors
-def pt(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
-       output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt,
-       resume: Optional[str] = ci.ResumeOpt, num_processes: int = ci.NumProcessesOpt,
-       as_json: bool = ci.JsonOpt, fail_if: Optional[List[str]] = ci.FailIfOpt, no_cache: bool = NoCacheOpt):
-    """Continued pretraining on raw text (loss on every token)."""
-    _train("pt", recipe, set_, output, overwrite, resume=resume, num_processes=num_processes, as_json=as_json,
-           fail_if=fail_if, no_cache=no_cache)
+_train_command("sft", "Supervised fine-tuning (chat, instruction or completion data).")
+_train_command("pt", "Continued pretraining on raw text (loss on every token).")
 
 
 app.command("eval")(handle_errors(ci.eval_command))

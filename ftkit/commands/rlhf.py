@@ -18,39 +18,24 @@ def _stage(stage: str, recipe: str, overrides, output, overwrite):
     STAGE_RUNNERS[stage](r, output=output, overwrite=overwrite)
 
 
-@handle_errors
-def rm(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, output: Optional[str] = OutputOpt,
-       overwrite: bool = OverwriteOpt):
-    """Reward model: a one-output classifier head trained on preference pairs (reports pairwise accuracy)."""
-    _stage("rm", recipe, set_, output, overwrite)
+def _stage_command(stage: str, doc: str):
+    """One CLI command per stage: the same options, each with its own name and help text."""
+
+    def command(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, output: Optional[str] = OutputOpt,
+                overwrite: bool = OverwriteOpt):
+        _stage(stage, recipe, set_, output, overwrite)
+
+    command.__name__, command.__qualname__, command.__doc__ = stage, stage, doc
+    return handle_errors(command)
 
 
-@handle_errors
-def dpo(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, output: Optional[str] = OutputOpt,
-        overwrite: bool = OverwriteOpt):
-    """Direct preference optimisation on prompt/chosen/rejected pairs."""
-    _stage("dpo", recipe, set_, output, overwrite)
-
-
-@handle_errors
-def kto(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, output: Optional[str] = OutputOpt,
-        overwrite: bool = OverwriteOpt):
-    """KTO on unpaired replies labelled desirable (true) or not (false)."""
-    _stage("kto", recipe, set_, output, overwrite)
-
-
-@handle_errors
-def orpo(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, output: Optional[str] = OutputOpt,
-         overwrite: bool = OverwriteOpt):
-    """ORPO: SFT and preference in one loss, no reference model (TRL experimental)."""
-    _stage("orpo", recipe, set_, output, overwrite)
-
-
-@handle_errors
-def rl(recipe: str = RecipeArg, set_: Optional[List[str]] = SetOpt, output: Optional[str] = OutputOpt,
-       overwrite: bool = OverwriteOpt):
-    """Online RLHF (GRPO or RLOO) against a reward model and/or reward functions. TRL 1.16 has no PPO."""
-    _stage("rl", recipe, set_, output, overwrite)
+rm = _stage_command("rm", "Reward model: a one-output classifier head trained on preference pairs "
+                    "(reports pairwise accuracy).")
+dpo = _stage_command("dpo", "Direct preference optimisation on prompt/chosen/rejected pairs.")
+kto = _stage_command("kto", "KTO on unpaired replies labelled desirable (true) or not (false).")
+orpo = _stage_command("orpo", "ORPO: SFT and preference in one loss, no reference model (TRL experimental).")
+rl = _stage_command("rl", "Online RLHF (GRPO or RLOO) against a reward model and/or reward functions. "
+                    "TRL 1.16 has no PPO.")
 
 
 @handle_errors
