@@ -102,7 +102,7 @@ def recipe_items(w: dict, steps: int, out: Path, extra: list[str]) -> list[str]:
 
 def tokens_per_s(history: list[tuple[int, float, int]], warmup: int) -> tuple[float, float]:
     """(tokens/s, seconds) between the end of step `warmup` and the last step."""
-    (s0, t0, n0), (s1, t1, n1) = next(h for h in history if h[0] == warmup), history[-1]
+    (_, t0, n0), (_, t1, n1) = next(h for h in history if h[0] == warmup), history[-1]
     return (n1 - n0) / (t1 - t0), t1 - t0
 
 
