@@ -52,12 +52,13 @@ VARIANTS = {
     "ftkit_qlora": ("ftkit", ["method.type=qlora"]),
     "ftkit_packing": ("ftkit", ["data.packing=true"]),
     "ftkit_lowmem": ("ftkit", ["data.packing=true", "train.activation_checkpointing=true"]),
-    "ftkit_compile": ("ftkit", ["data.packing=true", "train.compile=true"]),
+    "ftkit_compile": ("ftkit", ["train.compile=true"]),
+    "ftkit_packing_compile": ("ftkit", ["data.packing=true", "train.compile=true"]),
 }
 DEFAULT = {
     "cpu": ["trl_defaults", "trl_fp32", "trl_fp32_packing", "ftkit", "ftkit_packing"],
     "cuda": ["trl_defaults", "trl_nopack", "trl_tuned", "trl_liger", "trl_compile",
-             "ftkit", "ftkit_packing", "ftkit_lowmem", "ftkit_compile"],
+             "ftkit", "ftkit_packing", "ftkit_lowmem", "ftkit_packing_compile"],
 }
 BASELINES = {"cpu": ("trl_defaults", "trl_fp32", "trl_fp32_packing", "trl_qlora_cpu"),
              "cuda": ("trl_defaults", "trl_nopack", "trl_tuned", "trl_liger", "trl_compile", "trl_qlora")}
