@@ -125,7 +125,7 @@ def _render_rows(rows: list[dict], template: str | None, spans_of) -> tuple[list
 
 
 def _render_and_encode(rows: list[dict], tokenizer, template: str | None):
-    """Yields (row, text, encoding, spans, kind) in row order. (Overlapping the rendering with the
+    """(row, text, encoding, spans, kind) in row order. (Overlapping the rendering with the
     Rust encoding in a thread was tried: with one render per row it lost more to contention than it hid.)"""
     spans_of = SpanFinder(tokenizer, template) if template is not None else None
     texts, spans_list, kinds = _render_rows(rows, template, spans_of)
@@ -144,7 +144,7 @@ def encode_rows(rows: list[dict], tokenizer, template: str | None, train_on: str
     # Chat text carries its own special tokens from the template; raw text gets the tokenizer's.
     for row, text, enc, spans, kind in _render_and_encode(rows, tokenizer, template):
         stats.rows += 1
-        ids = enc.ids if isinstance(enc.ids, list) else list(enc.ids)
+        ids = enc.ids  # a fresh list (the Rust Encoding builds one per access)
         if train_on == "all":
             labels, trained = list(ids), len(ids)
         else:
