@@ -11,18 +11,31 @@ import sys
 import time
 from typing import List, Optional
 
+import enum
+
 import typer
 from rich.console import Console
 
 from ftkit import __version__
 from ftkit.commands import ci
 from ftkit.errors import GateFailed, UserError, VerificationFailed
+from ftkit.starter import starter_stages
+
+def _bare_flags() -> None:
+    """Typer 0.29 prints `--overwrite <bool>`, which reads as if the flag took a value: show flags bare."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
+
+
+_bare_flags()
 
 app = typer.Typer(
     name="ftkit",
     help="Fine-tune Hugging Face causal LMs (LoRA and friends) from one YAML recipe.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -55,6 +68,11 @@ def handle_errors(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _choices(name: str, values) -> type[enum.Enum]:
+    """A typer choice list from the schema's own values (typer shows and checks Enum members)."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
 
 
 def _version(value: bool):
@@ -123,8 +141,9 @@ def _is_pipeline_file(path: str) -> bool:
 
 @app.command()
 @handle_errors
-def validate(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt):
-    """Check a recipe (schema, values, files) without loading any model."""
+def validate(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
+             print_: bool = typer.Option(False, "--print", help="Also print the resolved recipe (every field)")):
+    """Check a recipe (schema, values, files, the first rows of its data) without loading any model."""
     t0 = time.perf_counter()
     if _is_pipeline_file(recipe):
         from ftkit.pipeline import run_pipeline
@@ -134,102 +153,33 @@ def validate(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Option
         run_pipeline(recipe, dry_run=True)
         err.print(f"[green]ok[/] {recipe} ({(time.perf_counter() - t0) * 1000:.0f} ms)")
         return
+    from ftkit.data.peek import check_data_heads
+
     r = _load(recipe, set_)
-    print(r.to_yaml(), end="")
-    err.print(f"[green]ok[/] {recipe} ({(time.perf_counter() - t0) * 1000:.0f} ms)")
-
-
-@app.command("merge-lora")
-@handle_errors
-def merge_lora(adapter: str = typer.Argument(..., help="Run dir or adapter dir"),
-               output: str = typer.Option(..., "--output", "-o", help="Where to write the merged model"),
-               base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the one trained on)"),
-               dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
-               overwrite: bool = OverwriteOpt):
-    """Fold a LoRA adapter into its base (W0 + BA) and verify the result."""
-    from ftkit.merge import merge_lora as run_merge
-    from ftkit.ui import log
-
-    run_merge(adapter, output, base=base, dtype=dtype, overwrite=overwrite, log=log)
-
-
-@app.command()
-@handle_errors
-def generate(model: str = typer.Argument(..., help="Run dir, merged dir, model alias or hub id"),
-             prompt: List[str] = typer.Option(..., "--prompt", "-p", help="User message (repeatable)"),
-             max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
-             temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)"),
-             system: Optional[str] = typer.Option(None, "--system", help="System message"),
-             base: Optional[str] = typer.Option(None, "--base", help="Base model for an adapter dir")):
-    """Generate a reply with the model's chat template (greedy by default)."""
-    from ftkit.hardware import detect
-    from ftkit.inference import generate as gen
-    from ftkit.inference import load_for_inference
-
-    if temperature == 0:
-        import torch
-
-        torch.manual_seed(0)
-    hw = detect()
-    m, tok = load_for_inference(model, dtype=hw.dtype, base=base, log=lambda s: err.print(s))
-    convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-             for p in prompt]
-    for reply in gen(m, tok, convs, max_new_tokens=max_new_tokens, temperature=temperature):
-        print(reply)
-
-
-@app.command()
-@handle_errors
-def models():
-    """Built-in model aliases and whether each is cached locally."""
-    from rich.table import Table
-
-    from ftkit.models import ALIASES, ftkit_home, is_cached
-
-    table = Table(title=f"model aliases (FTKIT_HOME={ftkit_home()})")
-    for col in ("alias", "params", "license", "source", "cached"):
-        table.add_column(col)
-    for a in ALIASES.values():
-        where = is_cached(a.name)
-        table.add_row(a.name, a.params, a.license, f"{a.hub_id} (or PyPI {a.pypi})", where or "no (fetched on first use)")
-    Console().print(table)
-
-
-@app.command()
-@handle_errors
-def env():
-    """Versions, device and the precision ftkit would pick (paste this into bug reports)."""
-    import platform
-
-    from ftkit.hardware import detect
-    from ftkit.stages.common import env_versions
-
-    hw = detect()
-    print(f"python: {platform.python_version()} ({sys.platform})")
-    for k, v in env_versions().items():
-        print(f"{k}: {v or 'not installed'}")
-    print(f"device: {hw.device} ({hw.device_name}), gpus: {hw.num_gpus}, threads: {hw.threads}")
-    print(f"precision: {hw.dtype} ({hw.dtype_reason})")
+    read = check_data_heads(r)
+    if print_:
+        print(r.to_yaml(), end="")
+    data = f" · data: {', '.join(read)}" if read else ""
+    err.print(f"[green]ok[/] {recipe} ({r.stage}, {r.method.type}){data} ({(time.perf_counter() - t0) * 1000:.0f} ms)")
 
 
 @app.command()
 @handle_errors
 def init(path: str = typer.Argument("recipe.yaml", help="Where to write the recipe"),
-         train: str = typer.Option("data_templates/messages.jsonl", "--train", help="Training data file"),
-         force: bool = typer.Option(False, "--force", help="Overwrite an existing file")):
-    """Write a starter recipe with every field at its default."""
-    from pathlib import Path
+         stage: _choices("Stage", starter_stages()) = typer.Option("sft", "--stage",
+                                                                  help="Training stage the recipe is for"),
+         train: Optional[str] = typer.Option(None, "--train", help="Your training data file (default: write "
+                                             "a few sample rows beside the recipe, to replace)"),
+         force: bool = typer.Option(False, "--force", help="Overwrite existing files")):
+    """Write a minimal, commented starter recipe for one stage; it validates as written."""
+    from ftkit.starter import write_starter
 
-    from ftkit.recipe import Recipe
-
-    p = Path(path)
-    if p.exists() and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    r = Recipe()
-    r.data.train = train
-    p.write_text("# ftkit recipe: every field shown at its default. Reference: README.md#recipe-reference\n"
-                 + r.to_yaml(), encoding="utf-8")
-    err.print(f"[green]wrote[/] {path} · check it with: ftkit validate {path}")
+    stage = stage.value
+    written = write_starter(path, stage, train, force)
+    _load(path, None)  # a starter that does not validate is a bug: fail here, not at the user's next command
+    for p in written:
+        err.print(f"[green]wrote[/] {p}")
+    err.print(f"next: ftkit validate {path} · ftkit {stage} {path}")
 
 
 @app.command()

@@ -120,9 +120,8 @@ def preview(recipe: str = typer.Argument(..., help="Recipe YAML"), n: int = type
             continue
         ids, labels = enc[0]["input_ids"], enc[0]["labels"]
         text = Text()
-        for tid, lab in zip(ids, labels):
-            piece = tok.decode([tid])
-            text.append(piece, style="bold black on green" if lab != IGNORE else "dim")
+        for piece, trained in labelled_spans(tok, ids, labels, IGNORE):
+            text.append(piece, style="bold black on green" if trained else "dim")
         out.print(text)
         out.print(f"mask: {_mask_ranges(labels, IGNORE)} · {sum(lab != IGNORE for lab in labels)} of {len(ids)} "
                   f"tokens trained" + (" · [yellow]truncated[/]" if st.truncated else ""))
@@ -132,6 +131,27 @@ def preview(recipe: str = typer.Argument(..., help="Recipe YAML"), n: int = type
             for i, (tid, lab) in enumerate(zip(ids, labels)):
                 table.add_row(str(i), repr(tok.decode([tid])), str(tid), "-100" if lab == IGNORE else str(lab))
             out.print(table)
+
+
+def labelled_spans(tok, ids: list[int], labels: list[int], ignore: int) -> list[tuple[str, bool]]:
+    """The text as runs of trained / masked tokens, each run decoded whole.
+
+    Decoding token by token garbles any character split over several byte-level tokens (CJK,
+    emoji, accents): each piece alone is half a UTF-8 sequence. A run that ends inside such a
+    character takes the next tokens in until it decodes cleanly, so the text reads as in the file."""
+    spans, i = [], 0
+    while i < len(ids):
+        trained = labels[i] != ignore
+        j = i + 1
+        while j < len(ids) and (labels[j] != ignore) == trained:
+            j += 1
+        piece = tok.decode(ids[i:j])
+        while piece.endswith("\ufffd") and j < len(ids):  # a character cut at the run's end
+            j += 1
+            piece = tok.decode(ids[i:j])
+        spans.append((piece, trained))
+        i = j
+    return spans
 
 
 def _mask_ranges(labels: list[int], ignore: int) -> str:

@@ -1,0 +1,108 @@
+"""A newcomer's first commands: init anywhere, validate that reads the data, preview any language, plain flags."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import ftkit
+
+STAGES = ["sft", "pt", "rm", "dpo", "kto", "orpo", "rl"]
+
+
+def _cli(*args):
+    """In-process CLI (the subprocess start-up would dominate this loop)."""
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_init_outside_the_repo_writes_a_recipe_that_validates_for_every_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for stage in STAGES:
+        res = _cli("init", f"{stage}.yaml", "--stage", stage)
+        assert res.exit_code == 0, res.output
+        text = (tmp_path / f"{stage}.yaml").read_text()
+        assert text.startswith("#") and f"stage: {stage}" in text
+        recipe = yaml.safe_load(text)
+        assert set(recipe) <= {"stage", "model", "method", "data", "train", "preference", "rl"}
+        if stage not in ("rl",):
+            assert "rl" not in recipe
+        assert (tmp_path / recipe["data"]["train"]).is_file()
+        # validated from another directory: the data path is relative to the recipe
+        monkeypatch.chdir(tmp_path.parent)
+        res = _cli("validate", str(tmp_path / f"{stage}.yaml"))
+        monkeypatch.chdir(tmp_path)
+        assert res.exit_code == 0, (stage, res.output)
+    res = ftkit("validate", "sft.yaml", cwd=tmp_path)  # and once as a user runs it
+    assert res.returncode == 0, res.stderr
+
+
+def test_init_refuses_to_overwrite_and_checks_its_train_file(tmp_path):
+    assert ftkit("init", "r.yaml", cwd=tmp_path).returncode == 0
+    res = ftkit("init", "r.yaml", cwd=tmp_path)
+    assert res.returncode == 2 and "--force" in res.stderr and "Traceback" not in res.stderr
+    res = ftkit("init", "s.yaml", "--train", "nope.jsonl", cwd=tmp_path)
+    assert res.returncode == 2 and "--train nope.jsonl" in res.stderr and not (tmp_path / "s.yaml").exists()
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                                                  {"role": "assistant", "content": "b"}]}) + "\n")
+    res = ftkit("init", "t.yaml", "--train", "mine.jsonl", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert yaml.safe_load((tmp_path / "t.yaml").read_text())["data"]["train"] == "mine.jsonl"
+    assert not (tmp_path / "t_data.jsonl").exists()
+
+
+def _csv_recipe(tmp_path, columns=None):
+    (tmp_path / "qa.csv").write_text("question,answer\nWhat about returns?,Within 30 days.\n", encoding="utf-8")
+    data = {"train": "qa.csv"}
+    if columns:
+        data["columns"] = columns
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"stage": "sft", "data": data}, sort_keys=False), encoding="utf-8")
+    return p
+
+
+def test_validate_reads_the_first_rows_and_names_the_problem(tmp_path):
+    res = ftkit("validate", str(_csv_recipe(tmp_path)))
+    assert res.returncode == 2 and "qa.csv:2" in res.stderr and "match no format" in res.stderr
+    p = _csv_recipe(tmp_path, {"instruction": "question", "output": "answr"})
+    res = ftkit("validate", str(p))
+    assert res.returncode == 2, res.stderr
+    flat = " ".join(res.stderr.split())
+    assert f"{p}:6: data.columns.output: 'answr' is not a column of qa.csv" in flat, flat
+    assert "Traceback" not in res.stderr
+
+
+def test_validate_prints_one_ok_line_and_the_recipe_only_when_asked(tmp_path):
+    p = _csv_recipe(tmp_path, {"instruction": "question", "output": "answer"})
+    res = ftkit("validate", str(p))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "" and len(res.stderr.strip().splitlines()) == 1
+    assert "qa.csv (alpaca)" in res.stderr
+    res = ftkit("validate", str(p), "--print")
+    assert res.returncode == 0 and yaml.safe_load(res.stdout)["data"]["columns"] == {"instruction": "question",
+                                                                                      "output": "answer"}
+
+
+def test_flags_show_no_value_and_completion_is_offered():
+    res = ftkit("sft", "--help")
+    assert res.returncode == 0 and "--overwrite" in res.stdout and "<bool>" not in res.stdout
+    assert "--install-completion" in ftkit("--help").stdout
+
+
+@pytest.mark.parametrize("text", ["这是一个中文句子，测试完成。", "Crème brûlée à Köln 🎉👍🏽", "日本語のテキスト"])
+def test_preview_spans_decode_like_the_file(embedded_dir, text):
+    from transformers import AutoTokenizer
+
+    from ftkit.commands.data import labelled_spans
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    # every split point of the labels, so runs end inside multi-byte characters too
+    for cut in range(1, len(ids)):
+        labels = [-100] * cut + ids[cut:]
+        spans = labelled_spans(tok, ids, labels, -100)
+        assert "".join(p for p, _ in spans) == text
+        assert all("\ufffd" not in p for p, _ in spans)
