@@ -130,9 +130,14 @@ class DataSection(_Strict):
     train_on: Literal["responses", "all"] = Field(
         "responses", description="loss on assistant replies only (every turn), or on every token"
     )
+    train_on_reasoning: bool = Field(
+        True, description="reasoning (reasoning_content, thinking, <think>…</think>) carries loss; false trains "
+        "only each reply's answer and end-of-turn"
+    )
     system: str | None = Field(None, description="system prompt added to rows that have none")
     template: str | None = Field(
-        None, description="chat template override: chatml | alpaca | a Jinja string (default: the tokenizer's)"
+        None, description="chat template override: chatml | chatml-tools (ChatML with <tool_call> blocks) | alpaca "
+        "| a Jinja string (default: the tokenizer's)"
     )
     packing: bool = Field(
         False, description="pack several samples per row of max_length tokens (TRL bfd packing, padding-free)"

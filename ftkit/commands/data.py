@@ -91,7 +91,20 @@ def check(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[
     template = "tokenizer's" if not r.data.template else r.data.template if len(r.data.template) < 20 else "custom"
     out.print(f"format {data.format} · template {template if data.template else 'none'} · "
               f"{share:.0%} of train tokens trained · cache {data.cache}")
+    _chat_lines(canon, data)
     out.print("[green]ok[/]")
+
+
+def _chat_lines(canon, data) -> None:
+    """Tool calls, reasoning and per-turn loss, when the data has any."""
+    from ftkit.data.chat import chat_counts
+
+    counts = chat_counts(canon.train + canon.eval)
+    counts["extra samples (per-turn renders)"] = data.train_stats.extra_samples + data.eval_stats.extra_samples
+    counts["rows on the reference render path"] = data.train_stats.reference_rows + data.eval_stats.reference_rows
+    shown = {k: v for k, v in counts.items() if v}
+    if shown:
+        out.print("chat: " + " · ".join(f"{v:,} {k}" for k, v in shown.items()))
 
 
 @app.command()
@@ -101,7 +114,8 @@ def preview(recipe: str = typer.Argument(..., help="Recipe YAML"), n: int = type
             tokens: bool = typer.Option(False, "--tokens", help="Also list every token with its label")):
     """Show rendered samples with the trained-on tokens highlighted, and their label mask."""
     from ftkit.data import _read_field
-    from ftkit.data.templates import resolve_template
+    from ftkit.data.chat import uses_tools
+    from ftkit.data.templates import require_tool_template, resolve_template
     from ftkit.data.tokenize import IGNORE, TokenStats, encode_rows
 
     r = _recipe(recipe, set_)
@@ -109,12 +123,18 @@ def preview(recipe: str = typer.Argument(..., help="Recipe YAML"), n: int = type
     rows = rows[:n]
     tok = _tokenizer(r, _log)
     template = resolve_template(tok, r.data.template, r.where("data", "template"))
+    if uses_tools(rows):
+        require_tool_template(tok, template, r.data.template, r.where("data", "template"))
     out.print(Text.assemble("legend: ", ("trained (label = token)", "bold black on green"), "  ",
                             ("masked (label = -100)", "dim")))
     for row in rows:
         st = TokenStats()
-        enc = encode_rows([row], tok, template, r.data.train_on, r.data.max_length, st, r.data.truncation)
+        enc = encode_rows([row], tok, template, r.data.train_on, r.data.max_length, st, r.data.truncation,
+                          r.data.train_on_reasoning)[:1]  # a row split per turn shows its first sample
         out.rule(f"{row['where']}")
+        off = [str(i + 1) for i, m in enumerate(row.get("messages", ())) if m.get("train") is False]
+        if off:
+            out.print(f"turn(s) {', '.join(off)}: train: false (no loss)")
         if not enc:
             out.print("[yellow]dropped:[/] no token of this row is trained (it would not be used)")
             continue

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftkit.data.chat import check_tool_use, uses_tools
 from ftkit.data.formats import Columns, to_canonical
 from ftkit.data.sources import read_source
-from ftkit.data.templates import resolve_template
+from ftkit.data.templates import require_tool_template, resolve_template
 from ftkit.data.tokenize import TokenStats, encode_rows
 from ftkit.errors import UserError
 from ftkit.recipe import Recipe, as_list, resolve_path
@@ -59,6 +60,7 @@ def _read_field(recipe: Recipe, field_name: str) -> tuple[list[str], list[dict],
     for value, path in source_paths(recipe, field_name):
         fmt, items = to_canonical(read_source(value, path), d.format, cols, d.system,
                                   recipe_where=recipe.where("data", "columns"))
+        check_tool_use(items)
         formats.append(fmt)
         rows += items
         sources.append({"field": field_name, "source": value, "format": fmt, "rows": len(items)})
@@ -138,9 +140,13 @@ def prepare(recipe: Recipe, tokenizer, log=print, cache: bool = True, canonical:
 
     canon = canonical or load_canonical(recipe)
     d = recipe.data
+    if uses_tools(canon.train + canon.eval):
+        require_tool_template(tokenizer, template, d.template, recipe.where("data", "template"))
     ts, es = TokenStats(), TokenStats()
-    train = encode_rows(canon.train, tokenizer, template, d.train_on, d.max_length, ts, d.truncation)
-    evals = encode_rows(canon.eval, tokenizer, template, d.train_on, d.max_length, es, d.truncation)
+    train = encode_rows(canon.train, tokenizer, template, d.train_on, d.max_length, ts, d.truncation,
+                        d.train_on_reasoning)
+    evals = encode_rows(canon.eval, tokenizer, template, d.train_on, d.max_length, es, d.truncation,
+                        d.train_on_reasoning)
     for name, st in (("train", ts), ("eval", es)):
         report_stats(recipe, name, st, log)
     if not train:

@@ -11,8 +11,10 @@ unpaired, prompt ...) without touching this file's code paths.
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
+from ftkit.data.chat import norm_tools, turn_extras
 from ftkit.data.sources import Row
 from ftkit.errors import UserError
 
@@ -105,18 +107,30 @@ def _turns(row: Row, items, fmt: str, list_col: str, role_key: str, content_key:
                         f"{{{role_name}, {content_name}}} objects (format {fmt})")
     turns = []
     for i, m in enumerate(items):
-        if not isinstance(m, dict) or role_name not in m or content_name not in m:
+        # A tool-call turn may have no content (OpenAI writes null).
+        if not isinstance(m, dict) or role_name not in m or (content_name not in m and not m.get("tool_calls")):
             have = ", ".join(sorted(m)) if isinstance(m, dict) else type(m).__name__
             raise UserError(f"{row.where}: turn {i + 1} must be an object with {role_name!r} and {content_name!r} "
                             f"(it has: {have or 'nothing'})")
-        turns.append({"role": _role(row, m[role_name], i, columns),
-                      "content": _text(row, m[content_name], f"turn {i + 1} content")})
+        content = m.get(content_name)
+        content = "" if content is None and m.get("tool_calls") else content
+        role = _role(row, m[role_name], i, columns)
+        turns.append(turn_extras(row.where, i, m, role, str(m[role_name]),
+                                 _text(row, content, f"turn {i + 1} content")))
     return turns
+
+
+def _with_tools(row: Row, fmt: str, item: dict, columns: Columns) -> dict:
+    tools = norm_tools(row.where, _get(row, fmt, "tools", columns))
+    if tools:
+        item["tools"] = tools
+    return item
 
 
 def _from_messages(row: Row, columns: Columns) -> dict:
     msgs = _get(row, "messages", "messages", columns)
-    return {"messages": _turns(row, msgs, "messages", "messages", "role", "content", columns)}
+    return _with_tools(row, "messages", {"messages": _turns(row, msgs, "messages", "messages", "role", "content",
+                                                            columns)}, columns)
 
 
 def _from_sharegpt(row: Row, columns: Columns) -> dict:
@@ -125,7 +139,7 @@ def _from_sharegpt(row: Row, columns: Columns) -> dict:
     system = _get(row, "sharegpt", "system", columns)
     if system and turns[0]["role"] != "system":
         turns.insert(0, {"role": "system", "content": _text(row, system, "system")})
-    return {"messages": turns}
+    return _with_tools(row, "sharegpt", {"messages": turns}, columns)
 
 
 def _from_alpaca(row: Row, columns: Columns) -> dict:
@@ -158,8 +172,8 @@ def _from_text(row: Row, columns: Columns) -> dict:
     return {"text": _text(row, _get(row, "text", "text", columns), "text")}
 
 
-register_format("messages", {"messages": True}, _from_messages, inner=("role", "content"))
-register_format("sharegpt", {"conversations": True, "system": False}, _from_sharegpt, inner=("from", "value"))
+register_format("messages", {"messages": True, "tools": False}, _from_messages, inner=("role", "content"))
+register_format("sharegpt", {"conversations": True, "system": False, "tools": False}, _from_sharegpt, inner=("from", "value"))
 register_format("alpaca", {"instruction": True, "input": False, "output": True, "system": False, "history": False},
                 _from_alpaca)
 register_format("completion", {"prompt": True, "completion": True}, _from_completion)
@@ -223,13 +237,28 @@ def _need_chat(item: dict, to: str) -> list[dict]:
     raise UserError(f"{item['where']}: raw text rows cannot become {to} rows (they have no turns)")
 
 
+def _export_turn(m: dict) -> dict:
+    out = {k: v for k, v in m.items() if k != "reasoning"}
+    if "reasoning" in m:
+        out["reasoning_content"] = m["reasoning"]
+    return out
+
+
 def from_canonical(item: dict, to: str) -> dict:
     """One canonical row as a row of format `to`, or a UserError naming the row when it cannot be expressed."""
+    tools = {"tools": item["tools"]} if item.get("tools") else {}
     if to == "messages":
-        return {"messages": _need_chat(item, to)}
+        return {"messages": [_export_turn(m) for m in _need_chat(item, to)], **tools}
     if to == "sharegpt":
-        msgs = _need_chat(item, to)
-        return {"conversations": [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in msgs]}
+        conv = []
+        for m in _need_chat(item, to):
+            if m.get("tool_calls"):
+                calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                         for c in m["tool_calls"]]
+                conv.append({"from": "function_call", "value": json.dumps(calls[0] if len(calls) == 1 else calls)})
+            else:
+                conv.append({"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]})
+        return {"conversations": conv, **({"tools": json.dumps(item["tools"])} if tools else {})}
     if to == "alpaca":
         msgs = list(_need_chat(item, to))
         out: dict = {}

@@ -50,13 +50,14 @@ class Renderer:
             self.compiled = None
         self.checked = False
 
-    def _slow(self, messages: list[dict], gen: bool) -> str:
+    def _slow(self, messages: list[dict], gen: bool, tools: list | None = None) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=gen)
+                                                  add_generation_prompt=gen, tools=tools)
 
-    def __call__(self, messages: list[dict], gen: bool = False) -> str:
-        if self.compiled is None:
-            return self._slow(messages, gen)
+    def __call__(self, messages: list[dict], gen: bool = False, tools: list | None = None) -> str:
+        # Tools, tool calls and reasoning need transformers' normalisation (tool schemas, reasoning aliases).
+        if self.compiled is None or tools or not all(len(m) == 2 for m in messages):
+            return self._slow(messages, gen, tools)
         fast = self.compiled.render(messages=messages, add_generation_prompt=gen, **self.kwargs)
         if not self.checked:
             self.checked = True
@@ -66,28 +67,58 @@ class Renderer:
         return fast
 
 
+class RewritesTurns(UserError):
+    """The template renders an earlier turn differently once later turns follow (e.g. Qwen3 drops old reasoning)."""
+
+
 def assistant_spans(tokenizer, template: str, messages: list[dict], where: str,
-                    render=None) -> tuple[str, list[tuple[int, int]]]:
+                    render=None, tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The reference method: the rendered text and the character span of each assistant turn
     (each through its end-of-turn marker, so the model learns to stop)."""
     if render is None:
         render = Renderer(tokenizer, template)
-    full = render(messages)
+    full = render(messages, tools=tools)
     spans = []
     last = len(messages) - 1
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(messages[:i], gen=True) if i else ""
-        through = full if i == last else render(messages[: i + 1])
-        if not (full.startswith(through) and through.startswith(before)):
+        before = render(messages[:i], gen=True, tools=tools) if i else ""
+        through = full if i == last else render(messages[: i + 1], tools=tools)
+        if not through.startswith(before):
             raise UserError(
-                f"{where}: the chat template does not render turns as prefixes of the whole conversation "
-                "(it rewrites earlier turns), so response-only labels cannot be placed; "
-                "set data.train_on: all or choose another data.template"
+                f"{where}: the chat template's generation prompt is not the start of the assistant turn it renders, "
+                "so response-only labels cannot be placed; set data.train_on: all or choose another data.template"
             )
+        if not full.startswith(through):
+            raise RewritesTurns(f"{where}: the chat template rewrites earlier turns")
         spans.append((len(before), len(through)))
     return full, spans
+
+
+def per_turn_samples(render, messages: list[dict], where: str,
+                     tools: list | None = None) -> list[tuple[str, list[tuple[int, int, int]]]]:
+    """For templates that rewrite earlier turns: [(text, [(message index, start, end)])], each text
+    rendered as the model sees it when that sample's last trained turn is generated. Turns whose
+    rendering stays a prefix of a later sample's text share that sample (Qwen3: one sample per user
+    query, with all the tool-calling turns after it)."""
+    turns = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], gen=True, tools=tools) if i else ""
+        through = render(messages[: i + 1], tools=tools)
+        if not through.startswith(before):
+            raise UserError(f"{where}: the chat template's generation prompt is not the start of the assistant "
+                            "turn it renders; set data.train_on: all or choose another data.template")
+        turns.append((i, len(before), through))
+    samples = []
+    while turns:
+        i_last, _, text = turns[-1]
+        inside = [t for t in turns if text.startswith(t[2])]
+        samples.append((text, [(i, a, len(through)) for i, a, through in inside]))
+        turns = [t for t in turns if t not in inside]
+    return samples[::-1]
 
 
 def content_opaque(env, template: str) -> bool:
@@ -179,16 +210,19 @@ class SpanFinder:
                      and content_opaque(self.render.compiled.environment, template))
         # roles -> (literal pieces, [(assistant message index, start delta, end delta)]), or None: reference
         self.shapes: dict[tuple, tuple | None] = {}
+        self.reference_rows = 0  # rows the fast path could have taken but that went to the reference method
 
-    def __call__(self, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
-        if self.fast and all(len(m) == 2 for m in messages):
+    def __call__(self, messages: list[dict], where: str, tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
+        # Tools, tool calls and native reasoning keys take the reference method (counted).
+        if self.fast and not tools and all(len(m) == 2 for m in messages):
             shape = tuple(m["role"] for m in messages)
             plan = self.shapes.get(shape, False)
             if plan is False and not any(_M0 in m["content"] for m in messages):
                 plan = self.shapes[shape] = self._calibrate(messages, where)
             if plan:
                 return _assemble(messages, *plan)
-        return assistant_spans(self.tokenizer, self.template, messages, where, render=self.render)
+        self.reference_rows += self.fast
+        return assistant_spans(self.tokenizer, self.template, messages, where, render=self.render, tools=tools)
 
     def _calibrate(self, messages, where) -> tuple | None:
         n = len(messages)

@@ -12,6 +12,7 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 
 from ftkit.data.render import SpanFinder
+from ftkit.data.turns import chat_samples
 from ftkit.errors import UserError
 
 IGNORE = -100
@@ -28,6 +29,8 @@ class TokenStats:
     tokens: int = 0
     trained_tokens: int = 0
     lengths: list[int] = field(default_factory=list)
+    extra_samples: int = 0  # samples beyond one per row (templates that rewrite earlier turns)
+    reference_rows: int = 0  # chat rows the fast render path sent to the reference method
 
     def summary(self) -> dict:
         lens = sorted(self.lengths)
@@ -38,7 +41,8 @@ class TokenStats:
         return {
             "rows": self.rows, "kept": self.kept, "truncated": self.truncated,
             "dropped_no_labels": self.dropped_no_labels, "dropped_empty": self.dropped_empty, "tokens": self.tokens,
-            "trained_tokens": self.trained_tokens,
+            "trained_tokens": self.trained_tokens, "extra_samples": self.extra_samples,
+            "reference_rows": self.reference_rows,
             "length_min": lens[0] if lens else 0, "length_median": pct(0.5), "length_p95": pct(0.95),
             "length_max": lens[-1] if lens else 0,
         }
@@ -101,19 +105,24 @@ def _encode(tokenizer, texts: list[str]) -> list:
     return [_Encoded(i, o) for i, o in zip(enc["input_ids"], enc["offset_mapping"])]
 
 
-def _render_rows(rows: list[dict], template: str | None, spans_of) -> tuple[list[str], list, list]:
-    texts, spans_list, kinds = [], [], []
+def _render_rows(rows: list[dict], template: str | None, spans_of, train_on: str,
+                 train_on_reasoning: bool) -> tuple[list[dict], list[str], list, list]:
+    """Rendered texts with their trained spans; a chat row may become several samples (rows repeat)."""
+    out_rows, texts, spans_list, kinds = [], [], [], []
     for row in rows:
         if "messages" in row:
             if template is None:
                 raise UserError(
                     f"{row['where']}: chat data but the tokenizer has no chat template; set data.template: chatml"
                 )
-            text, spans = spans_of(row["messages"], row["where"])
-            texts.append(text)
-            spans_list.append(spans)
-            kinds.append(None)
-        elif "prompt" in row:
+            for text, spans in chat_samples(spans_of, row, train_on, train_on_reasoning):
+                out_rows.append(row)
+                texts.append(text)
+                spans_list.append(spans)
+                kinds.append(None)
+            continue
+        out_rows.append(row)
+        if "prompt" in row:
             texts.append(row["prompt"] + row["completion"])
             spans_list.append([(len(row["prompt"]), len(row["prompt"]) + len(row["completion"]))])
             kinds.append("completion")
@@ -121,19 +130,23 @@ def _render_rows(rows: list[dict], template: str | None, spans_of) -> tuple[list
             texts.append(row["text"])
             spans_list.append([(0, len(row["text"]))])
             kinds.append("text")
-    return texts, spans_list, kinds
+    return out_rows, texts, spans_list, kinds
 
 
-def _render_and_encode(rows: list[dict], tokenizer, template: str | None):
+def _render_and_encode(rows: list[dict], tokenizer, template: str | None, stats: TokenStats, train_on: str,
+                       train_on_reasoning: bool):
     """(row, text, encoding, spans, kind) in row order. (Overlapping the rendering with the
     Rust encoding in a thread was tried: with one render per row it lost more to contention than it hid.)"""
     spans_of = SpanFinder(tokenizer, template) if template is not None else None
-    texts, spans_list, kinds = _render_rows(rows, template, spans_of)
-    return zip(rows, texts, _encode(tokenizer, texts), spans_list, kinds)
+    rows_out, texts, spans_list, kinds = _render_rows(rows, template, spans_of, train_on, train_on_reasoning)
+    stats.extra_samples += len(rows_out) - len(rows)
+    stats.reference_rows += spans_of.reference_rows if spans_of is not None else 0
+    return zip(rows_out, texts, _encode(tokenizer, texts), spans_list, kinds)
 
 
 def encode_rows(rows: list[dict], tokenizer, template: str | None, train_on: str, max_length: int,
-                stats: TokenStats | None = None, truncation: str = "keep_start") -> list[dict]:
+                stats: TokenStats | None = None, truncation: str = "keep_start",
+                train_on_reasoning: bool = True) -> list[dict]:
     """Tokenize canonical rows; drops (and counts) rows that keep no trained token."""
     stats = stats or TokenStats()
     if not rows:
@@ -142,7 +155,8 @@ def encode_rows(rows: list[dict], tokenizer, template: str | None, train_on: str
     bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
     out = []
     # Chat text carries its own special tokens from the template; raw text gets the tokenizer's.
-    for row, text, enc, spans, kind in _render_and_encode(rows, tokenizer, template):
+    for row, text, enc, spans, kind in _render_and_encode(rows, tokenizer, template, stats, train_on,
+                                                          train_on_reasoning):
         stats.rows += 1
         ids = enc.ids  # a fresh list (the Rust Encoding builds one per access)
         if train_on == "all":
