@@ -163,6 +163,79 @@ def validate(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Option
     err.print(f"[green]ok[/] {recipe} ({r.stage}, {r.method.type}){data} ({(time.perf_counter() - t0) * 1000:.0f} ms)")
 
 
+@app.command("merge-lora")
+@handle_errors
+def merge_lora(adapter: str = typer.Argument(..., help="Run dir or adapter dir"),
+               output: str = typer.Option(..., "--output", "-o", help="Where to write the merged model"),
+               base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the one trained on)"),
+               dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+               overwrite: bool = OverwriteOpt):
+    """Fold a LoRA adapter into its base (W0 + BA) and verify the result."""
+    from ftkit.merge import merge_lora as run_merge
+    from ftkit.ui import log
+
+    run_merge(adapter, output, base=base, dtype=dtype, overwrite=overwrite, log=log)
+
+
+@app.command()
+@handle_errors
+def generate(model: str = typer.Argument(..., help="Run dir, merged dir, model alias or hub id"),
+             prompt: List[str] = typer.Option(..., "--prompt", "-p", help="User message (repeatable)"),
+             max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+             temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)"),
+             system: Optional[str] = typer.Option(None, "--system", help="System message"),
+             base: Optional[str] = typer.Option(None, "--base", help="Base model for an adapter dir")):
+    """Generate a reply with the model's chat template (greedy by default)."""
+    from ftkit.hardware import detect
+    from ftkit.inference import generate as gen
+    from ftkit.inference import load_for_inference
+
+    if temperature == 0:
+        import torch
+
+        torch.manual_seed(0)
+    hw = detect()
+    m, tok = load_for_inference(model, dtype=hw.dtype, base=base, log=lambda s: err.print(s))
+    convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+             for p in prompt]
+    for reply in gen(m, tok, convs, max_new_tokens=max_new_tokens, temperature=temperature):
+        print(reply)
+
+
+@app.command()
+@handle_errors
+def models():
+    """Built-in model aliases and whether each is cached locally."""
+    from rich.table import Table
+
+    from ftkit.models import ALIASES, ftkit_home, is_cached
+
+    table = Table(title=f"model aliases (FTKIT_HOME={ftkit_home()})")
+    for col in ("alias", "params", "license", "source", "cached"):
+        table.add_column(col)
+    for a in ALIASES.values():
+        where = is_cached(a.name)
+        table.add_row(a.name, a.params, a.license, f"{a.hub_id} (or PyPI {a.pypi})", where or "no (fetched on first use)")
+    Console().print(table)
+
+
+@app.command()
+@handle_errors
+def env():
+    """Versions, device and the precision ftkit would pick (paste this into bug reports)."""
+    import platform
+
+    from ftkit.hardware import detect
+    from ftkit.stages.common import env_versions
+
+    hw = detect()
+    print(f"python: {platform.python_version()} ({sys.platform})")
+    for k, v in env_versions().items():
+        print(f"{k}: {v or 'not installed'}")
+    print(f"device: {hw.device} ({hw.device_name}), gpus: {hw.num_gpus}, threads: {hw.threads}")
+    print(f"precision: {hw.dtype} ({hw.dtype_reason})")
+
+
 @app.command()
 @handle_errors
 def init(path: str = typer.Argument("recipe.yaml", help="Where to write the recipe"),
