@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+from ftkit import lora_init
 from ftkit.errors import UserError
 from ftkit.recipe import MethodSection
 
@@ -82,6 +83,7 @@ def quantization_kwargs(bits: int, compute_dtype: str, device: str) -> dict:
 def load_kwargs(base: str, method: MethodSection, hw, trust_remote_code: bool = False) -> dict:
     """Extra load_causal_lm kwargs for this method; refuses unsupported model/method pairs first."""
     check_supported(model_type_of(base, trust_remote_code), method)
+    lora_init.check_device(method, hw.device)
     if method.type != "qlora":
         return {}
     return quantization_kwargs(method.bits, hw.dtype, hw.device)
@@ -184,7 +186,7 @@ def count_params(model) -> dict:
             "trainable_percent": round(100.0 * trainable / total, 4) if total else 0.0}
 
 
-def _lora(model, method: MethodSection, log, task_type: str = "CAUSAL_LM"):
+def _lora(model, method: MethodSection, log, task_type: str = "CAUSAL_LM", **init_inputs):
     from peft import LoraConfig, get_peft_model
 
     targets = resolve_targets(model, method)
@@ -192,17 +194,19 @@ def _lora(model, method: MethodSection, log, task_type: str = "CAUSAL_LM"):
         _check_module_names(model, method.modules_to_save, "modules_to_save")
     dora = method.use_dora or method.type == "dora"
     flavor = ("Q" if method.type == "qlora" else "") + ("DoRA" if dora else "LoRA") + (" (rsLoRA)" if method.rslora else "")
-    log(f"{flavor} r={method.r} alpha={method.alpha:g} on: {', '.join(targets)}"
+    log(f"{flavor} r={method.r} alpha={method.alpha:g} on: {', '.join(targets)}" + lora_init.describe(method)
         + (f" · trained in full: {', '.join(method.modules_to_save)}" if method.modules_to_save else ""))
     cfg = LoraConfig(
         r=method.r, lora_alpha=method.alpha, lora_dropout=method.dropout, target_modules=targets,
         use_rslora=method.rslora, use_dora=dora, modules_to_save=method.modules_to_save or None,
-        task_type=task_type, bias="none",
+        task_type=task_type, bias="none", **lora_init.config_kwargs(method),
     )
-    return get_peft_model(model, cfg)
+    # EVA fills the adapter weights from a data pass, so peft need not initialise them first.
+    model = get_peft_model(model, cfg, low_cpu_mem_usage=cfg.init_lora_weights == "eva")
+    return lora_init.after_wrap(model, method, log, **init_inputs)
 
 
-def _qlora(model, method: MethodSection, log, task_type: str = "CAUSAL_LM"):
+def _qlora(model, method: MethodSection, log, task_type: str = "CAUSAL_LM", **init_inputs):
     from peft import prepare_model_for_kbit_training
 
     quantized = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
@@ -213,7 +217,7 @@ def _qlora(model, method: MethodSection, log, task_type: str = "CAUSAL_LM"):
         f"{len(quantized)} linear layers quantized")
     # Checkpointing is the trainer's call (train.activation_checkpointing), not a side effect here.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return _lora(model, method, log, task_type)
+    return _lora(model, method, log, task_type, **init_inputs)
 
 
 def _virtual_tokens(model, method: MethodSection, log, base_path: str | None):
@@ -259,15 +263,17 @@ def _freeze(model, method: MethodSection, log):
 
 
 def apply_method(model, method: MethodSection, log=print, tokenizer=None, base_path: str | None = None,
-                 task_type: str = "CAUSAL_LM"):
+                 task_type: str = "CAUSAL_LM", train_rows=None):
     """Wrap or freeze `model` for training as method.type asks; with a tokenizer, prefix/prompt are
     test-run on a tiny batch first so an unsupported architecture fails here, not mid-training.
-    task_type SEQ_CLS: a reward model (LoRA methods only)."""
+    task_type SEQ_CLS: a reward model (LoRA methods only). train_rows: tokenized rows for method.init: eva."""
     check_supported(getattr(model.config, "model_type", None), method)
+    init_inputs = {"base_path": base_path, "train_rows": train_rows,
+                   "pad_id": getattr(tokenizer, "pad_token_id", None)}
     if method.type in ("lora", "dora"):
-        return _lora(model, method, log, task_type)
+        return _lora(model, method, log, task_type, **init_inputs)
     if method.type == "qlora":
-        return _qlora(model, method, log)
+        return _qlora(model, method, log, **init_inputs)
     if method.type in VIRTUAL_TOKEN_METHODS:
         peft_model = _virtual_tokens(model, method, log, base_path)
         if tokenizer is not None:
@@ -323,6 +329,8 @@ def save_trained(model, out_dir, trainer=None) -> None:
     With a trainer, its save_model writes: it gathers sharded (FSDP/DeepSpeed) weights and
     writes on rank 0 only."""
     out = Path(out_dir)
+    if lora_init.save_converted(model, out, is_main=trainer is None or trainer.args.should_save):
+        return
     if not hasattr(model, "peft_config"):
         # Trainers may switch the KV cache off while training; the saved model is for inference.
         model.config.use_cache = True

@@ -14,6 +14,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
+from ftkit import knob_rules, peers
 from ftkit.errors import UserError
 
 STAGES = ("sft", "pt", "rm", "dpo", "kto", "orpo", "rl")
@@ -42,7 +43,8 @@ METHODS = ("lora", "dora", "qlora", "prefix", "prompt", "full", "freeze")
 # Which method.type each field means something for; setting it for another type is an error,
 # because a silently ignored knob reads as "I tuned that" when nothing changed.
 _METHOD_FIELDS = {
-    ("r", "alpha", "dropout", "target_modules", "rslora", "use_dora", "modules_to_save"): ("lora", "dora", "qlora"),
+    ("r", "alpha", "dropout", "target_modules", "rslora", "use_dora", "modules_to_save", "init", "loraplus_lr_ratio",
+     "rank_pattern", "alpha_pattern"): ("lora", "dora", "qlora"),
     ("bits",): ("qlora",),
     ("num_virtual_tokens",): ("prefix", "prompt"),
     ("prefix_projection", "encoder_hidden_size"): ("prefix",),
@@ -65,6 +67,19 @@ class MethodSection(_Strict):
     use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (also `type: dora`)")
     modules_to_save: list[str] = Field(
         default_factory=list, description="modules trained in full and saved with the adapter (e.g. lm_head)")
+    init: str = Field(
+        "default", description="LoRA weight init (peft init_lora_weights): default (B = 0) | gaussian | pissa "
+        "(principal singular vectors; the base keeps the residual) | pissa_niter_N (randomized SVD, N iterations) | "
+        "olora (QR) | eva (SVD of the layers' inputs on the recipe's training rows; sft/pt) | loftq (qlora 4-bit; "
+        "CUDA). pissa/olora adapters are saved as a plain rank-2r LoRA on the original base")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the B matrices learn at this ratio x train.learning_rate (peft's LoRA+ "
+        "optimizer; the paper suggests 16)")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="per-module ranks overriding r, keyed by module name or regex "
+        "(peft rank_pattern), e.g. {q_proj: 8}")
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="per-module alphas overriding alpha, keyed like rank_pattern")
     # qlora
     bits: Literal[4, 8] = Field(4, description="qlora: load the base in 4-bit nf4 (double quant) or 8-bit")
     # prefix / prompt tuning
@@ -94,6 +109,7 @@ class MethodSection(_Strict):
             raise ValueError("method.trainable_layers is 0 and trainable_modules is empty: nothing would train")
         if self.type == "dora" and "use_dora" in self.model_fields_set and not self.use_dora:
             raise ValueError("method.use_dora: false contradicts type: dora")
+        knob_rules.check_lora_init(self)
         return self
 
 
@@ -184,6 +200,14 @@ class TrainSection(_Strict):
     deterministic: bool = Field(
         False, description="deterministic kernels and seeding: same recipe + seed -> identical weights (slower)"
     )
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune, sft/pt: uniform noise of scale alpha/sqrt(length x hidden) added to the "
+        "input embeddings in training forward passes only (transformers/TRL; 5 is typical)")
+    optim_target_modules: Union[Literal["all-linear"], list[str], None] = Field(
+        None, description="GaLore/APOLLO (train.optim galore_* / apollo_*): the modules whose gradients are "
+        "projected, names or regexes (default all-linear)")
+    optim_args: str | None = Field(
+        None, description="extra optimizer arguments as transformers takes them, e.g. 'rank=128,update_proj_gap=200'")
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
         "none", description="experiment tracker; logs go under the run dir (wandb runs offline unless WANDB_MODE is set)"
     )
@@ -240,14 +264,23 @@ class PreferenceSection(_Strict):
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on undesirable (false) rows")
     center_rewards: float | None = Field(None, ge=0, description="rm: pull mean rewards towards 0 (TRL "
                                          "center_rewards_coefficient, 0.01 is typical)")
+    precompute_ref_log_probs: bool = Field(
+        False, description="dpo/kto: compute the reference model's log-probs once before training (TRL), so no "
+        "reference forward pass runs per step")
 
 
 class RewardFunction(_Strict):
-    type: Literal["format", "length", "function"] = Field(..., description="format: 1 when the reply matches "
-                                                          "pattern; length: 1 at target_chars, falling to 0 at 0 "
-                                                          "and 2x; function: a module:function callable")
+    type: Literal["format", "length", "function", "think_format", "accuracy", "soft_overlong"] = Field(
+        ..., description="format: 1 when the reply matches pattern; length: 1 at target_chars, falling to 0 at 0 "
+        "and 2x; function: a module:function callable; TRL's: think_format (1 for <think>...</think> then the "
+        "answer), accuracy (math-verify against the answer column; needs math-verify), soft_overlong (DAPO's "
+        "penalty, 0 up to max_completion_length - cache_tokens, falling to -1 at the limit)")
     pattern: str | None = Field(None, description="format: a Python regex searched in the reply (DOTALL)")
     target_chars: int | None = Field(None, gt=0, description="length: the reply length that scores 1")
+    column: str | None = Field(None, description="accuracy: the prompt file's column with the reference answer "
+                               "(default solution)")
+    cache_tokens: int | None = Field(None, gt=0, description="soft_overlong: the soft band of tokens below "
+                                     "rl.max_completion_length where the penalty grows")
     function: str | None = Field(None, description="function: module:function, imported from the working dir "
                                  "or beside the recipe; called as TRL reward functions are")
     weight: float = Field(1.0, description="weight in the summed reward")
@@ -256,12 +289,14 @@ class RewardFunction(_Strict):
     def _fields_for_type(self):
         import re
 
-        need = {"format": "pattern", "length": "target_chars", "function": "function"}[self.type]
-        if getattr(self, need) is None:
-            raise ValueError(f"a {self.type} reward needs {need}")
-        for other in {"pattern", "target_chars", "function"} - {need}:
+        takes = {"format": "pattern", "length": "target_chars", "function": "function", "accuracy": "column",
+                 "soft_overlong": "cache_tokens"}.get(self.type)
+        if takes is not None and getattr(self, takes) is None and self.type != "accuracy":
+            raise ValueError(f"a {self.type} reward needs {takes}")
+        for other in {"pattern", "target_chars", "function", "column", "cache_tokens"} - {takes}:
             if getattr(self, other) is not None:
-                raise ValueError(f"{other} does not apply to a {self.type} reward (it takes {need})")
+                raise ValueError(f"{other} does not apply to a {self.type} reward"
+                                 + (f" (it takes {takes})" if takes else ""))
         if self.type == "format":
             try:
                 re.compile(self.pattern)
@@ -284,6 +319,26 @@ class RLSection(_Strict):
     temperature: float = Field(1.0, gt=0, description="sampling temperature for the replies")
     beta: float | None = Field(None, ge=0, description="KL pull towards the starting policy "
                                "(default: TRL's, grpo 0.0 = no reference model, rloo 0.05)")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo", description="grpo: how token losses are averaged (TRL's names): grpo (per sequence, length-biased) | "
+        "dr_grpo (by a constant, max_completion_length) | dapo (by the active tokens of the accumulated batch) | "
+        "bnpo (by the active tokens of the local batch)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="grpo: divide advantages by the reward std of the group, of the batch, or not at all "
+                             "(Dr. GRPO)")
+    epsilon: float = Field(0.2, gt=0, description="clipping range of the policy ratio (lower bound 1 - epsilon)")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="upper clipping bound 1 + epsilon_high (DAPO's clip-higher, 0.28; default epsilon)")
+    mask_truncated_completions: bool = Field(
+        False, description="leave replies cut at max_completion_length out of the loss (DAPO)")
+
+    @model_validator(mode="after")
+    def _grpo_only(self):
+        if self.algorithm != "grpo":
+            for name in ("loss_type", "scale_rewards"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"rl.{name} applies to algorithm grpo, not {self.algorithm}")
+        return self
 
 
 class Recipe(_Strict):
@@ -314,6 +369,11 @@ class Recipe(_Strict):
                                      f"not {self.stage}")
         return self
     _origin: dict = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _knobs_fit_stage(self) -> Recipe:
+        knob_rules.check_recipe(self)
+        return self
 
     def where(self, *path: Any) -> str:
         """'file:line' (or the --set item) for a field path, for error messages."""
@@ -424,7 +484,7 @@ def _format_errors(err: ValidationError, where: str, located: _Located | None, o
             parent, key = loc[:-1], str(loc[-1])
             choices = _fields_at(parent)
             close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
-            hint = f"; did you mean {'.'.join(map(str, parent + (close[0],)))!r}?" if close else ""
+            hint = peers.hint(key) or (f"; did you mean {'.'.join(map(str, parent + (close[0],)))!r}?" if close else "")
             valid = f" Valid keys here: {', '.join(choices)}." if choices else ""
             out.append(f"{place}: unknown key {dotted!r}{hint}{valid}")
         else:
@@ -438,7 +498,8 @@ def _format_errors(err: ValidationError, where: str, located: _Located | None, o
             if e["type"] == "value_error" and field_path and located is not None and located.line_of(field_path):
                 out.append(f"{where}:{located.line_of(field_path)}: {msg}")
                 continue
-            out.append(f"{place}: {dotted}: {msg}{got_txt}")
+            peer = peers.hint(dotted) if len(loc) == 1 and not isinstance(got, dict) else ""
+            out.append(f"{place}: {dotted}: {msg}{got_txt}{peer}")
     return "\n".join(out)
 
 

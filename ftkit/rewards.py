@@ -40,6 +40,39 @@ def length_reward(target_chars: int):
     return fn
 
 
+def as_messages(completions) -> list[list[dict]]:
+    """TRL's built-in rewards read completion[0]["content"]; plain-text prompts give strings."""
+    return [[{"role": "assistant", "content": completion_text(c)}] for c in completions]
+
+
+def think_format_reward():
+    from trl.rewards import think_format_reward as trl_fn
+
+    def fn(completions, **kw):
+        return trl_fn(as_messages(completions), **kw)
+
+    fn.__name__ = "think_format"
+    return fn
+
+
+def accuracy_reward(column: str):
+    """TRL's math-verify accuracy against the prompt file's `column` (None where the answer does not parse)."""
+    from trl.rewards import accuracy_reward as trl_fn
+
+    def fn(completions, **kw):
+        return trl_fn(as_messages(completions), solution=kw.pop(column), **{k: v for k, v in kw.items()
+                                                                           if k != "solution"})
+
+    fn.__name__ = "accuracy"
+    return fn
+
+
+def soft_overlong_reward(max_completion_len: int, cache_tokens: int):
+    from trl.rewards import get_soft_overlong_punishment
+
+    return get_soft_overlong_punishment(max_completion_len, cache_tokens)
+
+
 def import_function(spec: str, search_dirs: list[Path], where: str):
     """'pkg.module:function' -> the callable; looked up from the working dir, then the given dirs."""
     module_name, _, attr = spec.partition(":")

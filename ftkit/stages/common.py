@@ -10,6 +10,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ftkit import optim
 from ftkit.errors import UserError
 from ftkit.hardware import Hardware, detect
 from ftkit.recipe import Recipe
@@ -86,6 +87,7 @@ def trainer_kwargs(recipe: Recipe, hw: Hardware, out_dir: Path, has_eval: bool) 
         dataloader_pin_memory=hw.device == "cuda",
         remove_unused_columns=False,
         **distributed_kwargs(recipe),
+        **optim.training_kwargs(recipe),
     )
 
 

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftkit import optim
 from ftkit.data.formats import to_canonical
 from ftkit.data.preference import STAGE_FORMAT, check_extra_columns, to_trl_rows
 from ftkit.data.sources import read_rows
@@ -163,7 +164,11 @@ def save_run(recipe: Recipe, hw, run_dir: RunDir, work: Path, trainer, prep: Pre
              metrics: dict) -> Path:
     """Adapter (folded onto the base when starting from a run), tokenizer, recipe, metrics; then commit."""
     model = trainer.model
-    if hasattr(model, "peft_config"):
+    from ftkit.lora_init import save_converted
+
+    if save_converted(model, work, selected_adapters=["default"]):
+        pass  # a PiSSA/OLoRA adapter, saved as a plain LoRA on the original base
+    elif hasattr(model, "peft_config"):
         # DPO/KTO add a "ref" adapter copy for the reference model; only the trained one is the result.
         model.save_pretrained(work, safe_serialization=True, selected_adapters=["default"])
     else:
@@ -241,6 +246,8 @@ def _stage_args(recipe: Recipe) -> dict:
         args.update(loss_type=[p.loss_type], label_smoothing=p.label_smoothing)
     elif recipe.stage == "kto":
         args.update(desirable_weight=p.desirable_weight, undesirable_weight=p.undesirable_weight)
+    if recipe.stage in ("dpo", "kto"):
+        args.update(precompute_ref_log_probs=p.precompute_ref_log_probs)
     return args
 
 
@@ -267,6 +274,7 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False) -> P
     args = config_cls(**trainer_kwargs(recipe, hw, work, data.eval is not None), **_stage_args(recipe))
     trainer = trainer_cls(model=prep.model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                           processing_class=prep.tokenizer)
+    optim.configure_trainer(trainer, recipe)
     progress = attach_progress(trainer, work / "metrics.jsonl")
     before = _eval_summary(trainer.evaluate()) if data.eval is not None else {}
     t0 = time.perf_counter()

@@ -11,9 +11,11 @@ import json
 import time
 from pathlib import Path
 
+from ftkit import optim
 from ftkit.errors import UserError
 from ftkit.recipe import Recipe, resolve_path
-from ftkit.rewards import format_reward, import_function, length_reward
+from ftkit.rewards import (accuracy_reward, format_reward, import_function, length_reward, soft_overlong_reward,
+                           think_format_reward)
 from ftkit.rundir import RunDir
 from ftkit.stages.common import attach_progress, default_output_dir, finite, setup_hardware, trainer_kwargs
 from ftkit.stages.preference import (change, check_stage, free_memory, load_stage_data, prepare_model, save_run,
@@ -59,6 +61,28 @@ def check_rl(recipe: Recipe, produced: set[str] = frozenset()) -> None:
     for i, spec in enumerate(rl.rewards):
         if spec.type == "function":
             import_function(spec.function, _search_dirs(recipe), recipe.where("rl", "rewards", i, "function"))
+        elif spec.type == "accuracy":
+            _check_accuracy(recipe, i, spec.column or "solution")
+        elif spec.type == "soft_overlong" and spec.cache_tokens >= rl.max_completion_length:
+            raise UserError(f"{recipe.where('rl', 'rewards', i, 'cache_tokens')}: rl.rewards[{i}].cache_tokens "
+                            f"({spec.cache_tokens}) must be below rl.max_completion_length ({rl.max_completion_length})")
+
+
+def _check_accuracy(recipe: Recipe, i: int, column: str) -> None:
+    import importlib.util
+
+    from ftkit.stages.preference import read_stage_rows
+
+    where = recipe.where("rl", "rewards", i)
+    if importlib.util.find_spec("math_verify") is None:
+        raise UserError(f"{where}: rl.rewards[{i}]: an accuracy reward needs the math-verify package: "
+                        "pip install math-verify (or pip install 'ftkit[math]')")
+    rows = read_stage_rows(recipe, "train")
+    missing = sum(1 for r in rows if (r.get("extra") or {}).get(column) in (None, ""))
+    if missing:
+        raise UserError(f"{where}: rl.rewards[{i}]: an accuracy reward compares each reply with the prompt file's "
+                        f"{column!r} column; {missing} of {len(rows)} rows have none (set column: to the answer's "
+                        "column name)")
 
 
 def build_rewards(recipe: Recipe, dtype: str) -> tuple[list, list, list[float], list[str]]:
@@ -80,6 +104,12 @@ def build_rewards(recipe: Recipe, dtype: str) -> tuple[list, list, list[float], 
             fn = format_reward(spec.pattern)
         elif spec.type == "length":
             fn = length_reward(spec.target_chars)
+        elif spec.type == "think_format":
+            fn = think_format_reward()
+        elif spec.type == "accuracy":
+            fn = accuracy_reward(spec.column or "solution")
+        elif spec.type == "soft_overlong":
+            fn = soft_overlong_reward(rl.max_completion_length, spec.cache_tokens)
         else:
             fn = import_function(spec.function, _search_dirs(recipe), recipe.where("rl", "rewards", i, "function"))
         funcs.append(fn)
@@ -125,11 +155,15 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False) -> P
     work = run_dir.start()
     rl = recipe.rl
     extra = {"beta": rl.beta} if rl.beta is not None else {}
+    extra.update(epsilon=rl.epsilon, epsilon_high=rl.epsilon_high, mask_truncated_completions=rl.mask_truncated_completions)
+    if rl.algorithm == "grpo":
+        extra.update(loss_type=rl.loss_type, scale_rewards=rl.scale_rewards)
     args = Config(**trainer_kwargs(recipe, hw, work, data.eval is not None), num_generations=rl.num_generations,
                   max_completion_length=rl.max_completion_length, temperature=rl.temperature,
                   reward_weights=weights, **extra)
     trainer = Trainer(model=prep.model, reward_funcs=funcs, args=args, train_dataset=data.train,
                       eval_dataset=data.eval, processing_class=prep.tokenizer, reward_processing_classes=tokenizers)
+    optim.configure_trainer(trainer, recipe)
     progress = attach_progress(trainer, work / "metrics.jsonl")
     trainer.add_callback(_reward_printer())
     t0 = time.perf_counter()

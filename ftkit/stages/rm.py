@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from ftkit import optim
 from ftkit.atomic import publish, staged_dir
 from ftkit.errors import UserError, VerificationFailed
 from ftkit.recipe import Recipe
@@ -42,6 +43,7 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False) -> P
                         center_rewards_coefficient=recipe.preference.center_rewards)
     trainer = RewardTrainer(model=prep.model, args=args, train_dataset=data.train, eval_dataset=eval_ds,
                             processing_class=prep.tokenizer)
+    optim.configure_trainer(trainer, recipe)
     kept = len(trainer.train_dataset)
     if kept == 0:
         raise UserError(f"{recipe.where('data', 'max_length')}: every train pair is longer than "

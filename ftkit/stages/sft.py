@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ftkit import speed
+from ftkit import optim, speed
 from ftkit.data import prepare
 from ftkit.methods import apply_method, count_params, load_kwargs, save_trained
 from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
@@ -37,7 +37,7 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
     model = load_causal_lm(base, hw.dtype, trust_remote_code=recipe.model.trust_remote_code,
                            revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation,
                            **load_kwargs(base, recipe.method, hw, recipe.model.trust_remote_code))
-    model = apply_method(model, recipe.method, log=log, tokenizer=tok, base_path=base)
+    model = apply_method(model, recipe.method, log=log, tokenizer=tok, base_path=base, train_rows=data.train)
     params = count_params(model)
     log(f"trainable params: {params['trainable_params']:,} of {params['total_params']:,} "
         f"({params['trainable_percent']:.2f}%)")
@@ -68,6 +68,7 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
     setup_reporting(recipe, work)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok)
+    optim.configure_trainer(trainer, recipe)
     progress = attach_progress(trainer, work / "metrics.jsonl")
     stopper = resuming.make_interrupt_callback()
     trainer.add_callback(stopper)

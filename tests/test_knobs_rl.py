@@ -1,0 +1,74 @@
+"""Peer knobs (issue 20), preference/RL side: GRPO loss variants and clipping, TRL's built-in rewards by
+name, DPO's precomputed reference log-probs. Two steps each on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+from test_rlhf import ITEMS, pairs, run_stage, stage_recipe, write_jsonl
+
+from ftkit import optim
+from ftkit.errors import UserError
+from ftkit.recipe import load_recipe
+from ftkit.rewards import accuracy_reward, soft_overlong_reward, think_format_reward
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    seen = []
+    real = optim.configure_trainer
+
+    def spy(trainer, recipe):
+        seen.append(trainer)
+        real(trainer, recipe)
+
+    monkeypatch.setattr(optim, "configure_trainer", spy)
+    return seen
+
+
+def test_trl_rewards_on_plain_and_chat_completions():
+    think = think_format_reward()
+    assert think(["<think>hm</think> 4", "4"]) == [1.0, 0.0]
+    assert think([[{"role": "assistant", "content": "<think>a</think>b"}]]) == [1.0]
+    acc = accuracy_reward("answer")
+    assert acc([r"It is \boxed{3}", r"\boxed{4}"], answer=["3", "3"]) == [1.0, 0.0]
+    overlong = soft_overlong_reward(10, 4)
+    assert overlong(completion_ids=[[1] * 5, [1] * 8, [1] * 12]) == [0.0, -0.5, -1.0]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_grpo_variants_and_builtin_rewards(tiny_model, tmp_path, captured, loss_type):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"prompt": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(len(ITEMS))])
+    rl = {"num_generations": 2, "max_completion_length": 6, "loss_type": loss_type, "scale_rewards": "none",
+          "epsilon": 0.1, "epsilon_high": 0.28, "mask_truncated_completions": True,
+          "rewards": [{"type": "think_format"}, {"type": "accuracy", "column": "answer"},
+                      {"type": "soft_overlong", "cache_tokens": 2}]}
+    run = run_stage(stage_recipe(tmp_path, "rl", tiny_model, prompts, rl=rl))
+    trainer = captured[0]
+    assert (trainer.loss_type, trainer.args.scale_rewards) == (loss_type, "none")
+    assert (trainer.epsilon_low, trainer.epsilon_high) == (0.1, 0.28)
+    assert trainer.args.mask_truncated_completions is True
+    import json
+
+    m = json.loads((run / "metrics.json").read_text())
+    assert len(m["reward_by_step"]) == 2
+    assert set(m["rewards"]) == {"think_format", "accuracy", "soft_overlong_punishment_reward"}
+
+
+def test_accuracy_reward_needs_the_answer_column(tiny_model, tmp_path):
+    from ftkit.stages.preference import check_stage
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Review {it}."} for it in ITEMS])
+    path = stage_recipe(tmp_path, "rl", tiny_model, prompts,
+                        rl={"num_generations": 2, "rewards": [{"type": "accuracy"}]})
+    with pytest.raises(UserError, match=r"rl.yaml:\d+: rl.rewards\[0\]: an accuracy reward compares each reply "
+                                        r"with the prompt file's 'solution' column; 8 of 8 rows have none"):
+        check_stage(load_recipe(path))
+
+
+def test_dpo_precomputes_reference_log_probs(tiny_model, tmp_path, captured):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(8))
+    run_stage(stage_recipe(tmp_path, "dpo", tiny_model, data, preference={"precompute_ref_log_probs": True}))
+    trainer = captured[0]
+    assert trainer.args.precompute_ref_log_probs
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(trainer.train_dataset.column_names)
