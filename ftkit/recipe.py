@@ -150,6 +150,9 @@ class DataSection(_Strict):
         True, description="reasoning (reasoning_content, thinking, <think>…</think>) carries loss; false trains "
         "only each reply's answer and end-of-turn"
     )
+    keep_empty_replies: bool = Field(
+        False, description="keep rows whose reply is empty or whitespace (by default they are dropped and named: "
+        "they teach the model to answer with nothing)")
     system: str | None = Field(None, description="system prompt added to rows that have none")
     template: str | None = Field(
         None, description="chat template override: chatml | chatml-tools (ChatML with <tool_call> blocks) | alpaca "

@@ -106,3 +106,34 @@ def test_preview_spans_decode_like_the_file(embedded_dir, text):
         spans = labelled_spans(tok, ids, labels, -100)
         assert "".join(p for p, _ in spans) == text
         assert all("\ufffd" not in p for p, _ in spans)
+
+
+def _qa_recipe(tmp_path, keep=None):
+    (tmp_path / "qa.csv").write_text("question,answer\nWhat about returns?,\nWhat about shipping?,Two days.\n"
+                                     "What about shipping?,Two days.\nHow?,   \nWhy?,Because.\n", encoding="utf-8")
+    data = {"train": "qa.csv", "columns": {"instruction": "question", "output": "answer"}}
+    if keep is not None:
+        data["keep_empty_replies"] = keep
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"stage": "sft", "data": data}, sort_keys=False), encoding="utf-8")
+    return p
+
+
+def test_empty_replies_are_dropped_and_named_duplicates_counted(tmp_path):
+    from ftkit.data import load_canonical
+    from ftkit.recipe import load_recipe
+
+    canon = load_canonical(load_recipe(_qa_recipe(tmp_path)))
+    assert len(canon.train) == 3
+    assert [w.split("/")[-1] for w in canon.screened.empty] == ["qa.csv:2", "qa.csv:5"]
+    assert [w.split("/")[-1] for w in canon.screened.duplicates] == ["qa.csv:4"]
+    kept = load_canonical(load_recipe(_qa_recipe(tmp_path, keep=True)))
+    assert len(kept.train) == 5 and kept.screened.dropped == 0
+
+
+def test_data_check_reports_empty_replies_with_file_line(tmp_path, embedded_dir):
+    res = ftkit("data", "check", str(_qa_recipe(tmp_path)), "--set", f"model.name={embedded_dir}", "--no-cache")
+    assert res.returncode == 0, res.stderr
+    flat = " ".join((res.stdout + res.stderr).split())
+    assert "2 rows have an empty reply, dropped" in flat and "qa.csv:2" in flat and "qa.csv:5" in flat
+    assert "1 rows repeat an earlier row exactly" in flat and "qa.csv:4" in flat

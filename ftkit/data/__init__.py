@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ftkit.data.chat import check_tool_use, uses_tools
 from ftkit.data.formats import Columns, to_canonical
+from ftkit.data.quality import Screened, describe, screen
 from ftkit.data.sources import read_source
 from ftkit.data.templates import require_tool_template, resolve_template
 from ftkit.data.tokenize import TokenStats, encode_rows
@@ -24,6 +25,7 @@ class Canonical:
     eval: list[dict]
     format: str  # the format, or "a+b" when mixed sources have different formats
     sources: list[dict] = field(default_factory=list)  # {"field", "source", "format", "rows"}
+    screened: Screened = field(default_factory=Screened)  # empty replies and duplicates, train and eval
 
 
 @dataclass
@@ -89,15 +91,22 @@ def load_canonical(recipe: Recipe) -> Canonical:
     if not as_list(recipe.data.train):
         raise UserError(f"{recipe.where('data')}: data.train: required (a data file, or a list of files)")
     formats, train_rows, sources = _read_field(recipe, "train")
+    train_rows, screened = screen(train_rows, recipe.data.keep_empty_replies)
+    if not train_rows:
+        raise UserError(f"{recipe.where('data', 'train')}: data.train: every row has an empty reply "
+                        f"(e.g. {', '.join(screened.empty[:3])}); fill in the replies")
     if recipe.data.shuffle:
         # Mixed sources would otherwise train one after the other within each epoch's first batches.
         random.Random(recipe.train.seed).shuffle(train_rows)
     if recipe.data.eval:
         _, eval_rows, eval_sources = _read_field(recipe, "eval")
+        eval_rows, eval_screened = screen(eval_rows, recipe.data.keep_empty_replies)
+        screened = Screened(screened.empty + eval_screened.empty, screened.duplicates + eval_screened.duplicates,
+                            screened.dropped + eval_screened.dropped)
         sources += eval_sources
     else:
         train_rows, eval_rows = split_eval(train_rows, recipe.data.eval_split, recipe.train.seed)
-    return Canonical(train_rows, eval_rows, "+".join(dict.fromkeys(formats)), sources)
+    return Canonical(train_rows, eval_rows, "+".join(dict.fromkeys(formats)), sources, screened)
 
 
 def report_stats(recipe: Recipe, name: str, st: TokenStats, log=print) -> None:
@@ -134,11 +143,15 @@ def prepare(recipe: Recipe, tokenizer, log=print, cache: bool = True, canonical:
                            meta["train_stats"], meta["eval_stats"], meta.get("sources", []), "hit",
                            str(dcache.cache_root() / key))
             log(f"data: tokenized data from the cache ({out.cache_dir}); --no-cache to rebuild")
+            for line in describe(Screened(**meta.get("screened", {}))):
+                log(line)
             for name, st in (("train", out.train_stats), ("eval", out.eval_stats)):
                 report_stats(recipe, name, st, log)
             return out
 
     canon = canonical or load_canonical(recipe)
+    for line in describe(canon.screened):
+        log(line)
     d = recipe.data
     if uses_tools(canon.train + canon.eval):
         require_tool_template(tokenizer, template, d.template, recipe.where("data", "template"))
@@ -158,7 +171,8 @@ def prepare(recipe: Recipe, tokenizer, log=print, cache: bool = True, canonical:
     if key is not None:
         train_ds, eval_ds = out.to_datasets()
         out.train, out.eval = train_ds, eval_ds if eval_ds is not None else []
-        meta = {"format": canon.format, "sources": canon.sources, "train_stats": ts, "eval_stats": es}
+        meta = {"format": canon.format, "sources": canon.sources, "train_stats": ts, "eval_stats": es,
+                "screened": asdict(canon.screened)}
         saved = dcache.save(key, train_ds, eval_ds, meta)
         out.cache, out.cache_dir = "miss", str(saved) if saved else None
     return out
