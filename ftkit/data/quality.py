@@ -25,7 +25,10 @@ class Screened:
 
 def _replies(row: dict) -> list:
     if "messages" in row:
-        return [m for m in row["messages"] if m.get("role") == "assistant" and not m.get("tool_calls")]
+        # A turn that calls a tool or only reasons before one is not an empty reply; an untrained turn
+        # (train: false) teaches nothing either way.
+        return [m for m in row["messages"] if m.get("role") == "assistant" and m.get("train", True)
+                and not m.get("tool_calls") and not m.get("reasoning")]
     if "completion" in row:
         return [{"content": row["completion"]}]
     if "text" in row:
