@@ -142,3 +142,26 @@ def test_method_on_arch(arch_root, family, method, tmp_path, monkeypatch):
     assert len(replies) == len(PROMPTS) and all(isinstance(r, str) for r in replies)
     checks["generate"] = True
     record.update(status="ok", checks=checks, seconds=round(time.perf_counter() - t0, 1))
+
+
+# PiSSA rewrites the base weights in memory; its saved adapter must still apply to the original base.
+PISSA_FAMILIES = [f for f in ("llama", "mistral", "qwen2") if f in FAMILIES]
+
+
+@pytest.mark.parametrize("family", PISSA_FAMILIES)
+def test_pissa_on_llama_family(arch_root, family, tmp_path):
+    root, _ = arch_root
+    path = _recipe(arch_root, family, "lora")
+    raw = yaml.safe_load(path.read_text())
+    raw["method"] = {**METHOD_SETTINGS["lora"], "init": "pissa"}
+    raw["model"]["dtype"] = "float32"
+    raw["output"]["dir"] = str(root / f"run-{family}-pissa")
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    out = sft.run(load_recipe(path), overwrite=True)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 * METHOD_SETTINGS["lora"]["r"] and cfg["init_lora_weights"] is True
+    report = merge_lora(str(out), str(tmp_path / "merged"), log=lambda s: None)
+    assert report["max_abs_logit_diff"] <= 1e-4, report
+    assert _generate(out) == _generate(tmp_path / "merged")
+    RESULTS.setdefault(family, {})["lora+pissa"] = {
+        "status": "ok", "checks": {"sft_steps": 2, "merge_max_abs_logit_diff": report["max_abs_logit_diff"]}}
