@@ -530,6 +530,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(data, dict):
             raise UserError(f"{where}:1: a recipe is a mapping of sections (stage, model, method, data, train, output)")
     origin = apply_overrides(data, overrides or [])
+    _retype_method(data, origin, where)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
@@ -538,6 +539,27 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     recipe._located = located
     recipe._origin = origin
     return recipe
+
+
+def _retype_method(data: dict, origin: dict[tuple, str], where: str) -> list[str]:
+    """`--set method.type=prefix` on a LoRA recipe: the file's method fields that no longer apply
+    (r, alpha, ...) would each be an error; the override says what the user wants, so they are
+    dropped and named in a warning. Fields set on the command line too are kept (and checked)."""
+    method = data.get("method")
+    if ("method", "type") not in origin or not isinstance(method, dict) or not isinstance(method.get("type"), str):
+        return []
+    new = method["type"]
+    dropped = [k for k in list(method) if k != "type" and ("method", k) not in origin
+               and not _method_field_applies(str(k), new)]
+    for k in dropped:
+        del method[k]
+    if dropped:
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"[yellow]warning:[/] --set method.type={new}: dropped {where}'s method fields that do not apply to "
+            f"{new}: {', '.join(map(str, dropped))}")
+    return dropped
 
 
 def resolve_path(value: str, recipe_file: str | None) -> Path:

@@ -137,3 +137,31 @@ def test_data_check_reports_empty_replies_with_file_line(tmp_path, embedded_dir)
     flat = " ".join((res.stdout + res.stderr).split())
     assert "2 rows have an empty reply, dropped" in flat and "qa.csv:2" in flat and "qa.csv:5" in flat
     assert "1 rows repeat an earlier row exactly" in flat and "qa.csv:4" in flat
+
+
+def test_set_method_type_drops_the_files_fields_that_no_longer_apply(tmp_path, chat_file):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"method": {"type": "lora", "r": 8, "alpha": 16}, "data": {"train": str(chat_file)}}))
+    res = _cli("validate", str(p), "--set", "method.type=prefix", "--print")
+    assert res.exit_code == 0, res.output
+    assert "do not apply to prefix: alpha, r" in " ".join(res.output.split())
+    res = _cli("validate", str(p), "--set", "method.type=prefix", "--set", "method.r=4")
+    assert res.exit_code == 2 and "method.r" in res.output  # asked for on the command line: still checked
+
+
+def test_published_outputs_take_the_users_umask(tmp_path):
+    import os
+
+    from ftkit.atomic import publish, staged_dir
+
+    final = tmp_path / "out"
+    old = os.umask(0o027)
+    try:
+        with staged_dir(final) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+            (tmp / "model.safetensors").chmod(0o600)  # as transformers writes it
+            publish(tmp, final)
+    finally:
+        os.umask(old)
+    assert final.stat().st_mode & 0o777 == 0o750
+    assert (final / "model.safetensors").stat().st_mode & 0o777 == 0o640
