@@ -8,6 +8,7 @@ AutoModelForCausalLM to check that what landed on disk is what was verified.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from ftkit.atomic import publish, staged_dir
@@ -40,6 +41,30 @@ def _probe_logits(model, tok):
 NOT_MERGEABLE = {"PREFIX_TUNING": "prefix-tuning", "PROMPT_TUNING": "prompt-tuning", "P_TUNING": "p-tuning"}
 
 
+@contextmanager
+def _train_mode_4bit_kernels(model):
+    """Keep bitsandbytes' 4-bit layers on their training path while the rest of `model` is in eval mode.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weights into its own
+    layout on the first eval-mode forward and from then on computes in bf16 whatever the compute
+    dtype; `dequantize()` does not know that layout and returns wrong weights. The training path
+    de-quantizes and multiplies in the compute dtype: the same math the adapter was trained
+    against, and the weights stay readable. The flag only picks that kernel (a Linear4bit has no
+    dropout), so nothing else changes.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    before = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, before):
+            m.training = was
+
+
 def _dequantized_with_adapter(base_dir: str, adapter_dir: Path, bits: int, dtype: str, trust: bool, tok):
     """(dequantized base + adapter, its logits, logits of the model as trained: quantized base + adapter).
 
@@ -55,10 +80,11 @@ def _dequantized_with_adapter(base_dir: str, adapter_dir: Path, bits: int, dtype
     model = load_causal_lm(base_dir, dtype, trust_remote_code=trust, **quantization_kwargs(bits, dtype, "cpu"))
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
-    trained = _probe_logits(model, tok)
-    base = model.unload()  # drops the adapter layers, keeps the quantized base
-    quantized = [n for n, m in base.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
-    base = base.dequantize(dtype=torch_dtype(dtype))
+    with _train_mode_4bit_kernels(model):
+        trained = _probe_logits(model, tok)
+        base = model.unload()  # drops the adapter layers, keeps the quantized base
+        quantized = [n for n, m in base.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+        base = base.dequantize(dtype=torch_dtype(dtype))
     weights = {n: base.get_submodule(n).weight.detach() for n in quantized}
     del base, model
     # bitsandbytes swaps each layer for its own Linear (a Conv1D comes back transposed), so the

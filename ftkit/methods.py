@@ -16,6 +16,19 @@ from ftkit.recipe import MethodSection
 
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")
 
+
+def _installed_before(pkg: str, version: str) -> bool:
+    """Whether the installed pkg is older than version (release numbers only; unknown counts as older)."""
+    import importlib.metadata as md
+
+    def release(v: str) -> tuple:
+        return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+
+    try:
+        return release(md.version(pkg)) < release(version)
+    except md.PackageNotFoundError:
+        return True
+
 # (model_type, method) combinations that cannot work with the installed peft/transformers, with
 # the reason. Checked from config.json before any weight is loaded; `_preflight` catches the rest.
 UNSUPPORTED = {
@@ -24,7 +37,9 @@ UNSUPPORTED = {
     ("bloom", "prompt"): "BLOOM's ALiBi attention mask does not cover the soft-prompt positions peft prepends",
     ("opt", "prompt"): "OPT derives its learned positions from the attention mask, which goes out of step with "
                        "the soft prompt in batched generation",
-    ("falcon", "prefix"): "Falcon keeps fewer key/value heads than peft's prefix cache is built for",
+    # transformers 5.25's FalconConfig gained num_key_value_heads, from which peft sizes the prefix.
+    **({("falcon", "prefix"): "Falcon keeps fewer key/value heads than peft's prefix cache is built for"}
+       if _installed_before("transformers", "5.25") else {}),
     ("falcon", "qlora"): "Falcon's FalconLinear layers are not replaced by bitsandbytes, so nothing would be "
                          "quantized",
 }
@@ -38,16 +53,34 @@ _NOT_AUTO = {"gate", "router", "w_gate"}
 # ------------------------------------------------------------------------------ loading
 
 
-def model_type_of(base: str, trust_remote_code: bool = False) -> str | None:
+def _base_config(base: str, trust_remote_code: bool = False) -> dict:
     cfg = Path(base) / "config.json"
     if cfg.is_file():
-        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+        return json.loads(cfg.read_text(encoding="utf-8"))
     try:  # a hub id: its config is small and usually cached
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code).model_type
+        return AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code).to_dict()
     except Exception:
-        return None  # loading will report the real problem
+        return {}  # loading will report the real problem
+
+
+def model_type_of(base: str, trust_remote_code: bool = False) -> str | None:
+    return _base_config(base, trust_remote_code).get("model_type")
+
+
+def weights_dtype(base: str, method: MethodSection, hw, trust_remote_code: bool = False) -> str:
+    """The dtype the base's weights are loaded in for training; the compute runs in hw.dtype either way
+    (the Trainer's autocast).
+
+    full and freeze save the whole model, so a base stored in float32 is loaded in float32: loaded
+    in bf16, every weight the run does not train would come back rounded. Adapter methods never
+    save the base, so it is loaded in the compute dtype (half the memory).
+    """
+    if method.type not in ("full", "freeze") or hw.dtype == "float32":
+        return hw.dtype
+    cfg = _base_config(base, trust_remote_code)
+    return "float32" if (cfg.get("dtype") or cfg.get("torch_dtype")) == "float32" else hw.dtype
 
 
 def check_supported(model_type: str | None, method: MethodSection) -> None:
@@ -270,6 +303,10 @@ def apply_method(model, method: MethodSection, log=print, tokenizer=None, base_p
     check_supported(getattr(model.config, "model_type", None), method)
     init_inputs = {"base_path": base_path, "train_rows": train_rows,
                    "pad_id": getattr(tokenizer, "pad_token_id", None)}
+    return _fp32_master_weights(_wrap(model, method, log, tokenizer, base_path, task_type, init_inputs))
+
+
+def _wrap(model, method: MethodSection, log, tokenizer, base_path: str | None, task_type: str, init_inputs: dict):
     if method.type in ("lora", "dora"):
         return _lora(model, method, log, task_type, **init_inputs)
     if method.type == "qlora":
@@ -287,6 +324,21 @@ def apply_method(model, method: MethodSection, log=print, tokenizer=None, base_p
     if method.type == "freeze":
         return _freeze(model, method, log)
     raise UserError(f"method.type: {method.type!r} is not supported")
+
+
+def _fp32_master_weights(model):
+    """Trained parameters are held in float32; the Trainer's bf16/fp16 autocast still computes in half.
+
+    A bf16 weight cannot take an update smaller than ~1/256 of its value (a norm weight of 1.0 does
+    not move in 3 AdamW steps at lr 1e-3), and fp16 gradients cannot be unscaled by the fp16 grad
+    scaler. peft already does this for LoRA matrices; this covers full, freeze and modules_to_save.
+    """
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    return model
 
 
 def _preflight(model, tok, method: MethodSection) -> None:

@@ -11,6 +11,9 @@ from conftest import CHAT_ROWS, ftkit
 # Same global batch (4) either way: 1 process x 4 rows, or 2 processes x 2 rows.
 TRAIN = {"max_steps": 3, "learning_rate": 1e-3, "seed": 3}
 METHOD = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}  # dropout draws differ per rank
+# fp32 on every CPU: a batch of 4 and two of 2 round differently in bf16 (~1e-3), which would hide
+# what this compares (data order and gradient averaging) behind a loose tolerance.
+MODEL = {"dtype": "float32"}
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +22,9 @@ def runs(tmp_path_factory, tiny_model):
     data = tmp / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
     one = recipe(tmp / "one.yaml", tiny_model, data, train={**TRAIN, "batch_size": 4}, method=METHOD,
-                 output={"dir": str(tmp / "one")})
+                 model=MODEL, output={"dir": str(tmp / "one")})
     two = recipe(tmp / "two.yaml", tiny_model, data, train={**TRAIN, "batch_size": 2}, method=METHOD,
-                 output={"dir": str(tmp / "two")})
+                 model=MODEL, output={"dir": str(tmp / "two")})
     res_one = ftkit("sft", str(one))
     assert res_one.returncode == 0, res_one.stderr
     res_two = ftkit("sft", str(two), "--num-processes", "2", "--json", "--fail-if", "world_size < 2")

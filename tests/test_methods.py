@@ -218,6 +218,55 @@ def test_freeze_changes_only_the_last_blocks_and_named_modules(tiny_model, chat_
     assert m["method"] == "freeze" and 0 < m["trainable_percent"] < 100
 
 
+@pytest.mark.parametrize("method", [{"type": "freeze", "trainable_layers": 1, "trainable_modules": ["norm"]},
+                                    {"type": "lora", "r": 4, "alpha": 8, "modules_to_save": ["norm"]}])
+def test_trained_weights_are_fp32_masters_on_a_bf16_base(tiny_model, method):
+    """A bf16 base (how hub models are stored and how adapters load their base): the trained weights
+    are float32 and move under small updates; a bf16 norm weight of 1.0 would not move at lr 1e-3."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.methods import apply_method
+    from ftkit.recipe import MethodSection
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    model = apply_method(model, MethodSection(**method), log=lambda s: None)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())
+    assert any(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+    norm = next(p for n, p in trained.items() if n.endswith("model.norm.weight") or ".norm.modules_to_save." in n)
+    before = norm.detach().clone()
+    opt = torch.optim.AdamW(list(trained.values()), lr=1e-3)
+    ids = torch.randint(0, 100, (2, 12))
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert (norm.detach() - before).abs().max().item() > 1e-4
+
+
+def test_whole_model_methods_load_a_float32_base_in_float32(tiny_model, tmp_path):
+    from ftkit.hardware import Hardware
+    from ftkit.methods import weights_dtype
+    from ftkit.recipe import MethodSection
+
+    bf16 = Hardware("cpu", "test CPU", "bfloat16", "test", 1, 0)
+    fp32 = Hardware("cpu", "test CPU", "float32", "test", 1, 0)
+    bf16_base = tmp_path / "bf16-base"
+    bf16_base.mkdir()
+    (bf16_base / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "bfloat16"}))
+    for kind in ("full", "freeze"):
+        # Loaded in bf16, the weights a freeze run does not train would be saved rounded.
+        assert weights_dtype(str(tiny_model), MethodSection(type=kind), bf16) == "float32"
+        assert weights_dtype(str(bf16_base), MethodSection(type=kind), bf16) == "bfloat16"
+        assert weights_dtype(str(tiny_model), MethodSection(type=kind), fp32) == "float32"
+    # Adapter methods never save the base: it is loaded in the compute dtype.
+    assert weights_dtype(str(tiny_model), MethodSection(type="lora"), bf16) == "bfloat16"
+
+
 def test_arch_table_renders_what_ran():
     import importlib.util
 

@@ -9,6 +9,8 @@ import yaml
 
 from conftest import ftkit, write_recipe
 
+from ftkit.hardware import detect
+
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, tiny_model):
@@ -34,12 +36,14 @@ def test_run_dir_layout(sft_run):
     assert not list(run.glob("*.bin")) and not list(run.glob("*.pt")), "safetensors only"
     assert not (run.parent / "run.partial").exists()
     m = json.loads((run / "metrics.json").read_text())
-    assert m["steps"] == 3 and m["precision"] == "float32" and m["device"] == "cpu"
+    hw = detect()  # bf16 on CPUs with AVX512-BF16/AMX, else fp32
+    assert m["steps"] == 3 and m["precision"] == hw.dtype and m["device"] == "cpu"
+    assert m["precision_reason"] == hw.dtype_reason
     assert m["tokens"] > 0 and m["tokens_per_s"] > 0 and m["eval_loss"] is not None
     assert 0 < m["trainable_params"] < m["total_params"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]
-    assert "trainable params" in res.stdout and "precision: float32" in res.stdout
+    assert "trainable params" in res.stdout and f"precision: {hw.dtype}" in res.stdout
     # the resolved recipe reproduces the run
     resolved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert resolved["train"]["max_steps"] == 3 and resolved["method"]["r"] == 4

@@ -125,7 +125,7 @@ def prepare_model(recipe: Recipe, hw, reward_head: bool = False) -> Prepared:
     """The starting model (base, or base + merged SFT adapter) wrapped with the recipe's method."""
     from transformers import set_seed
 
-    from ftkit.methods import apply_method, count_params
+    from ftkit.methods import apply_method, count_params, weights_dtype
     from ftkit.models import load_causal_lm, load_tokenizer, resolve_model, torch_dtype
 
     start = resolve_start(recipe)
@@ -146,7 +146,8 @@ def prepare_model(recipe: Recipe, hw, reward_head: bool = False) -> Prepared:
             revision=m.revision, **extra)
         model.config.pad_token_id = tok.pad_token_id
     else:
-        model = load_causal_lm(base_dir, hw.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision,
+        model = load_causal_lm(base_dir, weights_dtype(base_dir, recipe.method, hw, m.trust_remote_code),
+                               trust_remote_code=m.trust_remote_code, revision=m.revision,
                                attn_implementation=m.attn_implementation)
     model = merge_start_adapter(model, start, log=log)
     model = apply_method(model, recipe.method, log=log, task_type="SEQ_CLS" if reward_head else "CAUSAL_LM")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ftkit import optim, speed
 from ftkit.data import prepare
-from ftkit.methods import apply_method, count_params, load_kwargs, save_trained
+from ftkit.methods import apply_method, count_params, load_kwargs, save_trained, weights_dtype
 from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
 from ftkit.recipe import Recipe
 from ftkit.rundir import RunDir
@@ -34,7 +34,8 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
     log(f"data: {ts['kept']} train rows ({data.format}), {len(data.eval)} eval rows · "
         f"{ts['trained_tokens']:,} of {ts['tokens']:,} tokens trained ({recipe.data.train_on})")
 
-    model = load_causal_lm(base, hw.dtype, trust_remote_code=recipe.model.trust_remote_code,
+    model = load_causal_lm(base, weights_dtype(base, recipe.method, hw, recipe.model.trust_remote_code),
+                           trust_remote_code=recipe.model.trust_remote_code,
                            revision=recipe.model.revision, attn_implementation=recipe.model.attn_implementation,
                            **load_kwargs(base, recipe.method, hw, recipe.model.trust_remote_code))
     model = apply_method(model, recipe.method, log=log, tokenizer=tok, base_path=base, train_rows=data.train)
