@@ -4,25 +4,12 @@ name, DPO's precomputed reference log-probs. Two steps each on the tiny model.""
 from __future__ import annotations
 
 import pytest
+from test_knobs import captured  # noqa: F401  (the trainer each stage builds)
 from test_rlhf import ITEMS, pairs, run_stage, stage_recipe, write_jsonl
 
-from ftkit import optim
 from ftkit.errors import UserError
 from ftkit.recipe import load_recipe
 from ftkit.rewards import accuracy_reward, soft_overlong_reward, think_format_reward
-
-
-@pytest.fixture
-def captured(monkeypatch):
-    seen = []
-    real = optim.configure_trainer
-
-    def spy(trainer, recipe):
-        seen.append(trainer)
-        real(trainer, recipe)
-
-    monkeypatch.setattr(optim, "configure_trainer", spy)
-    return seen
 
 
 def test_trl_rewards_on_plain_and_chat_completions():
