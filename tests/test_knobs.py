@@ -250,3 +250,24 @@ def test_lowrank_optimizers_train_full(tiny_model, chat, tmp_path, optimizer, ca
     after = load_file(str(out / "model.safetensors"))
     key = "model.layers.0.mlp.up_proj.weight"
     assert not torch.allclose(before[key], after[key].float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="peft computes LoftQ on CUDA only")
+def test_loftq_on_qlora_gpu(tiny_model, chat, tmp_path, monkeypatch):
+    from ftkit.merge import merge_lora
+
+    b_at_start = []
+    real = optim.configure_trainer
+
+    def spy(trainer, recipe):  # runs before the first step
+        layer = trainer.model.get_base_model().model.layers[0].self_attn.q_proj
+        b_at_start.append(layer.lora_B["default"].weight.abs().sum().item())
+        real(trainer, recipe)
+
+    monkeypatch.setattr(optim, "configure_trainer", spy)
+    out = train(tmp_path, tiny_model, chat, {"type": "qlora", "r": 4, "alpha": 8, "init": "loftq"}, dtype="auto")
+    # LoftQ starts B non-zero (B A carries the quantization residual); peft's default starts B at zero.
+    assert b_at_start[0] > 0
+    report = merge_lora(str(out), str(tmp_path / "merged"), log=lambda s: None)
+    assert report["quantized_gap"] <= report["tolerance"]
