@@ -339,7 +339,8 @@ class RLSection(_Strict):
     def _grpo_only(self):
         if self.algorithm != "grpo":
             for name in ("loss_type", "scale_rewards"):
-                if name in self.model_fields_set:
+                # The default is what a written recipe.yaml carries: only a changed value is a mistake.
+                if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default:
                     raise ValueError(f"rl.{name} applies to algorithm grpo, not {self.algorithm}")
         return self
 

@@ -271,3 +271,16 @@ def test_loftq_on_qlora_gpu(tiny_model, chat, tmp_path, monkeypatch):
     assert b_at_start[0] > 0
     report = merge_lora(str(out), str(tmp_path / "merged"), log=lambda s: None)
     assert report["quantized_gap"] <= report["tolerance"]
+
+
+def test_written_recipes_with_knobs_load_again(tmp_path):
+    from ftkit.recipe import Recipe
+
+    for doc in ({"stage": "rl", "rl": {"algorithm": "rloo"}},
+                {"method": {"init": "pissa_niter_4", "loraplus_lr_ratio": 16, "rank_pattern": {"q_proj": 8}},
+                 "train": {"neftune_noise_alpha": 5}},
+                {"method": {"type": "full"}, "train": {"optim": "galore_adamw", "optim_args": "rank=4"}}):
+        path = tmp_path / "r.yaml"
+        path.write_text(Recipe.model_validate(doc).to_yaml(), encoding="utf-8")
+        again = load_recipe(path)
+        assert again.model_dump() == Recipe.model_validate(doc).model_dump()
