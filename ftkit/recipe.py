@@ -177,7 +177,8 @@ class TrainSection(_Strict):
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
     learning_rate: float = Field(2.0e-4, gt=0)
     batch_size: Union[Literal["auto"], PositiveInt] = Field(
-        4, description="per-device batch size; auto (sft/pt): on a GPU start at 64k tokens of rows and halve on "
+        4, description="per-device batch size; auto (sft/pt): on a GPU start at 64k tokens (rows of max_length, or "
+        "padding-free: of the mean sample length) and shrink by 10% on each "
         "out-of-memory, on a CPU 4")
     grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name")
@@ -195,6 +196,13 @@ class TrainSection(_Strict):
         "auto", description="Liger fused kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy), sft/pt; "
         "auto: on for CUDA GPUs when liger-kernel is installed and supports the architecture")
     compile: bool = Field(False, description="torch.compile the model, sft/pt (the first steps pay the compile)")
+    padding_free: Union[Literal["auto"], bool] = Field(
+        "auto", description="sft/pt: lay each micro-batch's samples end to end in one row (no padding, positions "
+        "restart per sample) with variable-length attention; auto: on for CUDA GPUs where the varlen kernel, model "
+        "and method allow, else padded (the speed line says why); true: also on CPUs, via a per-sample SDPA reference")
+    low_memory: bool = Field(
+        False, description="sft/pt: activation checkpointing, plus a paged AdamW (bitsandbytes) for full/freeze "
+        "on a GPU: trades speed for memory")
     num_threads: int | None = Field(None, gt=0, description="CPU threads (default: all cores)")
     save_steps: int | None = Field(
         None, gt=0, description="save a resumable checkpoint every N steps (default: only when interrupted)"
@@ -367,10 +375,14 @@ class Recipe(_Strict):
         if self.stage not in ("sft", "pt"):
             t = self.train
             for name, bad in (("batch_size", t.batch_size == "auto"), ("liger", t.liger is True),
-                              ("compile", t.compile)):
+                              ("compile", t.compile), ("padding_free", t.padding_free is True),
+                              ("low_memory", t.low_memory)):
                 if bad:
                     raise ValueError(f"train.{name}: {getattr(t, name)} applies to the sft and pt stages, "
                                      f"not {self.stage}")
+        if self.train.low_memory and self.train.activation_checkpointing is False:
+            raise ValueError("train.low_memory: true turns activation checkpointing on; "
+                             "drop train.activation_checkpointing: false")
         return self
     _origin: dict = PrivateAttr(default_factory=dict)
 

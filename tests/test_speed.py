@@ -21,7 +21,7 @@ def test_auto_batch_size_starts_from_a_token_budget_on_gpus_and_is_fixed_on_cpus
         r = Recipe(data={"max_length": max_length}, train={"batch_size": "auto", **train})
         return speed.batch_size(r, hw), speed.speed_kwargs(r, hw, "llama")["auto_find_batch_size"]
 
-    assert resolved(GPU, 2048) == (32, True)  # 64k tokens of 2048-token rows; halves on out-of-memory
+    assert resolved(GPU, 2048) == (32, True)  # 64k tokens of 2048-token rows; shrinks by 10% on each out-of-memory
     assert resolved(GPU, 3000) == (16, True)  # a power of two at or under the budget
     assert resolved(GPU, 200_000) == (1, True)
     assert resolved(CPU, 2048) == (speed.AUTO_BATCH_CPU, False)
@@ -44,7 +44,8 @@ def test_levers_are_refused_for_stages_they_do_not_apply_to(tmp_path):
         assert f"{p}:5: train.{field}" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_liger_true_on_a_cpu_is_exit_2_before_the_model_loads(tmp_path, tiny_model, chat_file):
+def test_liger_true_on_a_cpu_is_exit_2_before_the_model_loads(tmp_path, tiny_model, chat_file, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU run, also on a machine that has a GPU
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, chat_file, train={"liger": True})
     res = ftkit("sft", str(recipe))
     assert res.returncode == 2, res.stderr
@@ -66,7 +67,8 @@ def test_torch_compile_and_auto_batch_learn_what_the_plain_path_learns(tmp_path,
         res = ftkit("sft", str(r), "--no-cache")
         assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "fast" / "metrics.json").read_text())
-    assert metrics["speed"] == {"liger": False, "compile": True, "auto_batch": False}
+    assert {k: metrics["speed"][k] for k in ("liger", "compile", "auto_batch")} == {
+        "liger": False, "compile": True, "auto_batch": False}
     assert metrics["batch_size"] == speed.AUTO_BATCH_CPU == 4  # the same batches as the plain recipe
     want, got = _losses(tmp_path / "plain"), _losses(tmp_path / "fast")
     assert len(want) == len(got) == 3
@@ -74,16 +76,3 @@ def test_torch_compile_and_auto_batch_learn_what_the_plain_path_learns(tmp_path,
     # Later steps follow updates from fused (reordered) gradient arithmetic: close, not bitwise.
     assert got == pytest.approx(want, rel=1e-3)
 
-
-@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="Liger's kernels need a CUDA GPU")
-def test_liger_learns_what_the_plain_path_learns_on_a_gpu(tmp_path, tiny_model, chat_file):
-    pytest.importorskip("liger_kernel")
-    runs = {}
-    for name, liger in (("plain", False), ("liger", True)):
-        r = write_recipe(tmp_path / f"{name}.yaml", tiny_model, chat_file, output={"dir": str(tmp_path / name)},
-                         train={"liger": liger}, data={"packing": True})
-        res = ftkit("sft", str(r), "--no-cache")
-        assert res.returncode == 0, res.stderr[-3000:]
-        runs[name] = _losses(tmp_path / name)
-    assert json.loads((tmp_path / "liger" / "metrics.json").read_text())["speed"]["liger"] is True
-    assert runs["liger"] == pytest.approx(runs["plain"], rel=2e-2)  # bf16 kernels: close, not bitwise

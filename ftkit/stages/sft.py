@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ftkit import optim, speed
+from ftkit import optim, speed, varlen
 from ftkit.data import prepare
 from ftkit.methods import apply_method, count_params, load_kwargs, save_trained, weights_dtype
 from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
@@ -45,12 +45,11 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
 
     train_ds, eval_ds = data.to_datasets()
     work = run_dir.work
-    levers = speed.speed_kwargs(recipe, hw, model.config.model_type)
-    log(speed.describe(levers, speed.batch_size(recipe, hw)))
+    fast = speed.sft_levers(recipe, hw, model, ts)
+    levers = fast.kwargs
+    log(fast.describe())
     args = SFTConfig(  # in a multi-process run this joins the process group
-        **trainer_kwargs(recipe, hw, work, eval_ds is not None),
-        **levers,
-        max_length=recipe.data.max_length,
+        **{**trainer_kwargs(recipe, hw, work, eval_ds is not None), "max_length": recipe.data.max_length, **levers},
         packing=recipe.data.packing,
         # bfd keeps sample boundaries and turns on padding-free batches with per-sample position_ids, from
         # which transformers builds a block-diagonal mask (sdpa/eager) or varlen kernels (flash attention):
@@ -67,6 +66,7 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
             resuming.trim_metrics_log(work / "metrics.jsonl", resumed_from)
     barrier()
     setup_reporting(recipe, work)
+    own_attention = varlen.use(model, fast.flat.attention) if fast.flat.enabled else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tok)
     optim.configure_trainer(trainer, recipe)
@@ -85,6 +85,8 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
         raise resuming.Interrupted(stopper.stopped_at, work)
     with explain_oom(recipe):
         eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    if own_attention is not None:
+        varlen.restore(trainer.model, own_attention)  # generation and saving see padded batches
 
     with explain_write_errors(work):
         save_trained(trainer.model, work, trainer=trainer)
@@ -111,10 +113,9 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
         "resumed_from_step": resumed_from,
         "world_size": world_size(),
         "distributed": recipe.distributed if world_size() > 1 else None,
-        "batch_size": trainer._train_batch_size,  # per device; batch_size: auto may have halved it
+        "batch_size": trainer._train_batch_size,  # per device; batch_size: auto may have shrunk it
         "global_batch_size": trainer._train_batch_size * recipe.train.grad_accum * world_size(),
-        "speed": {"liger": levers["use_liger_kernel"], "compile": levers["torch_compile"],
-                  "auto_batch": levers["auto_find_batch_size"]},
+        "speed": fast.metrics(),
         "epochs": round(trainer.state.epoch or 0, 4),
         "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
