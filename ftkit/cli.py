@@ -184,9 +184,11 @@ def generate(model: str = typer.Argument(..., help="Run dir, merged dir, model a
              max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
              temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)"),
              system: Optional[str] = typer.Option(None, "--system", help="System message"),
-             base: Optional[str] = typer.Option(None, "--base", help="Base model for an adapter dir")):
+             base: Optional[str] = typer.Option(None, "--base", help="Base model for an adapter dir"),
+             dtype: str = typer.Option("auto", "--dtype", help="auto (picked from the hardware) | float32 | "
+                                       "bfloat16 | float16")):
     """Generate a reply with the model's chat template (greedy by default)."""
-    from ftkit.hardware import detect
+    from ftkit.hardware import detect, dtype_option
     from ftkit.inference import generate as gen
     from ftkit.inference import load_for_inference
 
@@ -194,7 +196,7 @@ def generate(model: str = typer.Argument(..., help="Run dir, merged dir, model a
         import torch
 
         torch.manual_seed(0)
-    hw = detect()
+    hw = detect(dtype_option(dtype))
     m, tok = load_for_inference(model, dtype=hw.dtype, base=base, log=lambda s: err.print(s))
     convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
              for p in prompt]

@@ -76,6 +76,10 @@ def load_for_inference(target: str, dtype: str = "float32", base: str | None = N
         model = load_causal_lm(src, dtype, trust_remote_code=trust)
         tok = load_tokenizer(src, trust)
     model.eval()
+    if dtype != "bfloat16" and getattr(model, "is_loaded_in_4bit", False):
+        from ftkit.methods import hold_4bit_compute_dtype
+
+        hold_4bit_compute_dtype(model)  # else bitsandbytes' CPU eval kernel computes in bf16, not in dtype
     return model, tok
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from ftkit.atomic import publish, staged_dir
 from ftkit.errors import UserError, VerificationFailed
 from ftkit.inference import adapter_base_name, is_adapter_dir, run_trust_remote_code
-from ftkit.methods import quantization_kwargs, run_bits, run_method
+from ftkit.methods import hold_4bit_compute_dtype, quantization_kwargs, run_bits, run_method
 from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
 
 # Max |logit difference| accepted per dtype: merging reorders float ops, so exact equality
@@ -43,25 +43,13 @@ NOT_MERGEABLE = {"PREFIX_TUNING": "prefix-tuning", "PROMPT_TUNING": "prompt-tuni
 
 @contextmanager
 def _train_mode_4bit_kernels(model):
-    """Keep bitsandbytes' 4-bit layers on their training path while the rest of `model` is in eval mode.
-
-    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weights into its own
-    layout on the first eval-mode forward and from then on computes in bf16 whatever the compute
-    dtype; `dequantize()` does not know that layout and returns wrong weights. The training path
-    de-quantizes and multiplies in the compute dtype: the same math the adapter was trained
-    against, and the weights stay readable. The flag only picks that kernel (a Linear4bit has no
-    dropout), so nothing else changes.
-    """
-    import bitsandbytes as bnb
-
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    before = [m.training for m in layers]
-    for m in layers:
-        m.training = True
+    """4-bit layers on their training path while de-quantizing and verifying (see methods.hold_4bit_compute_dtype):
+    the packed layout bitsandbytes switches to in eval mode is one `dequantize()` cannot read."""
+    held = hold_4bit_compute_dtype(model)
     try:
         yield
     finally:
-        for m, was in zip(layers, before):
+        for m, was in held:
             m.training = was
 
 

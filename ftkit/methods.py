@@ -113,6 +113,23 @@ def quantization_kwargs(bits: int, compute_dtype: str, device: str) -> dict:
     return {"quantization_config": q, "device_map": {"": where}}
 
 
+def hold_4bit_compute_dtype(model) -> list:
+    """Keep bitsandbytes' 4-bit layers on their training path (de-quantize, multiply in the compute
+    dtype) while the rest of `model` is in eval mode; returns (layer, previous flag) pairs.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weights into its own
+    layout on the first eval-mode forward and from then on computes in bf16 whatever the compute
+    dtype, and `dequantize()` reads that layout wrongly. The flag only picks the kernel (a
+    Linear4bit has no dropout), so the math is the one the adapter was trained against.
+    """
+    import bitsandbytes as bnb
+
+    held = [(m, m.training) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m, _ in held:
+        m.training = True
+    return held
+
+
 def load_kwargs(base: str, method: MethodSection, hw, trust_remote_code: bool = False) -> dict:
     """Extra load_causal_lm kwargs for this method; refuses unsupported model/method pairs first."""
     check_supported(model_type_of(base, trust_remote_code), method)

@@ -118,6 +118,15 @@ def test_qlora_trains_4bit_and_merges_into_dequantized_base(tiny_model, chat_fil
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     k = "model.layers.0.mlp.up_proj.weight"
     assert (merged[k] - base[k]).abs().max() > 0
+    # Served in float32, base + adapter computes what the merged model computes: bitsandbytes' CPU
+    # eval kernel (bf16 on AVX512-BF16 CPUs whatever the dtype) is not used for a float32 request.
+    import torch
+
+    served, tok = load_for_inference(str(run), dtype="float32", log=lambda s: None)
+    plain, _ = load_for_inference(str(tmp_path / "merged"), dtype="float32", log=lambda s: None)
+    ids = tok(["What is 1 plus 1?"], return_tensors="pt")
+    with torch.no_grad():
+        assert (served(**ids).logits - plain(**ids).logits).abs().max().item() < 1e-4
 
 
 def test_qlora_8bit_trains(tiny_model, chat_file, tmp_path):

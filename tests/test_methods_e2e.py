@@ -25,7 +25,8 @@ def test_method_end_to_end(method, tmp_path, embedded_dir):
     # A 135M model has ~135M parameters whatever the method (peft counts 4-bit weights unpacked).
     assert 130e6 < m["total_params"] < 140e6
 
-    gen = ftkit("generate", str(run), "-p", "What is 7 times 3?", "--max-new-tokens", "8")
+    # Greedy text is compared below; in bf16 a near-tie between two tokens can flip on rounding alone.
+    gen = ftkit("generate", str(run), "-p", "What is 7 times 3?", "--max-new-tokens", "8", "--dtype", "float32")
     assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr[-3000:]
 
     merged = tmp_path / "merged"
@@ -34,7 +35,8 @@ def test_method_end_to_end(method, tmp_path, embedded_dir):
         assert res.returncode == 0, res.stderr[-3000:]
         report = json.loads((merged / "ftkit_merge.json").read_text())
         assert report["max_abs_logit_diff"] <= report["tolerance"]
-        assert ftkit("generate", str(merged), "-p", "What is 7 times 3?", "--max-new-tokens", "8").stdout == gen.stdout
+        again = ftkit("generate", str(merged), "-p", "What is 7 times 3?", "--max-new-tokens", "8", "--dtype", "float32")
+        assert again.stdout == gen.stdout
     else:
         expected = "not mergeable" if method in ("prefix", "prompt") else "already a full model"
         assert res.returncode == 2 and expected in res.stderr and "Traceback" not in res.stderr

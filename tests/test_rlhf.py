@@ -95,7 +95,9 @@ def test_score_cli_and_merged_reward_model_agree(rm_run, tmp_path):
 
     from ftkit.stages.rm import load_reward_model, score
 
-    res = ftkit("score", str(rm_run), "--prompt", "Review the lamp.", "-r", "It is great.", "-r", "It is awful.")
+    # float32 on every CPU: the comparison below is to 1e-3, finer than bf16's rounding of a score.
+    res = ftkit("score", str(rm_run), "--prompt", "Review the lamp.", "-r", "It is great.", "-r", "It is awful.",
+                "--dtype", "float32")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert [line.split("\t")[1] for line in lines] == ["It is great.", "It is awful."]

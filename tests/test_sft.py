@@ -107,6 +107,9 @@ def test_generate_is_deterministic_and_uses_run_template(sft_run):
     b = ftkit("generate", str(run), "--prompt", "What is 1 plus 2?", "--max-new-tokens", "6")
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout
+    bad = ftkit("generate", str(run), "--prompt", "hi", "--dtype", "fp8")
+    assert bad.returncode == 2 and "--dtype: must be one of auto, float32, bfloat16, float16" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_training_template_is_what_inference_uses(sft_run, tiny_model):

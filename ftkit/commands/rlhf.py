@@ -42,13 +42,15 @@ rl = _stage_command("rl", "Online RLHF (GRPO or RLOO) against a reward model and
 def score(model: str = typer.Argument(..., help="rm run dir or merged reward model dir"),
           prompt: str = typer.Option(..., "--prompt", "-p", help="The user message"),
           response: List[str] = typer.Option(..., "--response", "-r", help="A reply to score (repeatable)"),
-          system: Optional[str] = typer.Option(None, "--system", help="System message")):
+          system: Optional[str] = typer.Option(None, "--system", help="System message"),
+          dtype: str = typer.Option("auto", "--dtype", help="auto (picked from the hardware) | float32 | "
+                                    "bfloat16 | float16")):
     """Score replies to a prompt with a reward model (higher = preferred)."""
-    from ftkit.hardware import detect
+    from ftkit.hardware import detect, dtype_option
     from ftkit.stages.rm import load_reward_model
     from ftkit.stages.rm import score as run_score
 
-    m, tok = load_reward_model(model, dtype=detect().dtype, log=lambda s: err.print(s))
+    m, tok = load_reward_model(model, dtype=detect(dtype_option(dtype)).dtype, log=lambda s: err.print(s))
     for value, reply in zip(run_score(m, tok, [(prompt, r) for r in response], system=system), response):
         print(f"{value:.4f}\t{reply}")
 
