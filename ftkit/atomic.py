@@ -1,13 +1,50 @@
-"""Outputs appear complete or not at all: build beside the final place, then rename into it."""
+"""Outputs appear complete or not at all: build beside the final place, then rename into it.
+
+A kill at any instant leaves the destination either absent or complete: the old output is
+renamed aside (one atomic rename) before the new one is renamed in (another), and the aside
+copy is deleted only after. Leftovers of a killed writer (`.<name>.tmp-*`, `.<name>.old-*`)
+are swept by the next writer of that output, under its lock (ftkit/locks.py).
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from ftkit.errors import UserError
+from ftkit.locks import holds_lock, lock_output
+
+# Out of space: ENOSPC/EDQUOT for a full disk or quota, EFBIG for a file-size limit (RLIMIT_FSIZE).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _aside(final: Path, kind: str) -> Path:
+    return final.parent / f".{final.name}.{kind}-{os.getpid()}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def sweep_leftovers(final: Path) -> list[Path]:
+    """Remove what a killed writer of `final` left beside it. Call only while holding final's lock."""
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-[A-Za-z0-9_]+$")
+    gone = [p for p in final.parent.iterdir() if pattern.match(p.name)] if final.parent.is_dir() else []
+    for p in gone:
+        _remove(p)
+    return gone
 
 
 def _umask() -> int:
@@ -27,23 +64,55 @@ def _user_modes(root: Path) -> None:
 
 
 def publish(tmp: Path, final: Path) -> None:
-    """Replace `final` (file or dir) with `tmp`; same filesystem, so the rename is atomic."""
+    """Replace `final` (file or dir) with `tmp` on the same filesystem.
+
+    Never deletes before the new output is in place: a kill between the two renames leaves
+    `final` absent (its old copy aside, swept next time), never half-deleted.
+    """
     _user_modes(tmp)
-    if final.is_dir():
-        shutil.rmtree(final)
-    elif final.exists():
-        final.unlink()
-    tmp.rename(final)
+    old = None
+    if final.exists() or final.is_symlink():
+        old = _aside(final, "old")
+        _remove(old)
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if old is not None:
+            os.replace(old, final)  # put the old output back: a failed publish changes nothing
+        raise
+    if old is not None:
+        _remove(old)
+
+
+def disk_full_error(exc: OSError, final: Path) -> UserError:
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return UserError(f"out of disk space writing {final}{where}: {exc.strerror or exc}. Nothing was written to "
+                     f"{final}; free some space (or choose an output on a larger disk) and run it again")
 
 
 @contextmanager
-def staged_dir(final: Path) -> Iterator[Path]:
-    """A fresh temp dir beside `final`; whatever the body did not publish() is removed on the way out."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would otherwise become the output's mode
+def staged_dir(final: Path, wait: bool = False, log=None) -> Iterator[Path]:
+    """A fresh temp dir beside `final`, under final's lock; whatever the body did not publish() is removed.
+
+    wait: queue behind another writer of `final` instead of refusing (exit 2) while it runs.
+    """
+    final = Path(final)
+    held_before = holds_lock(final)  # e.g. a stage writing a file inside its own output
+    lock = lock_output(final, what=str(final), wait=wait, log=log)
     try:
-        yield tmp
+        if lock.fd is not None:  # only a lock holder may sweep: without one, a leftover may be live
+            sweep_leftovers(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would otherwise become the output's mode
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise disk_full_error(exc, final) from None
+            raise
+        finally:
+            _remove(tmp)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not held_before:
+            lock.release()

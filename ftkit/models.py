@@ -85,7 +85,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, log=print) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"converting {gguf_path.name} to a safetensors model dir (once; cached in {out_dir})")
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, wait=True, log=log) as tmp:  # two runs converting the same model take turns
+        if _is_hf_dir(out_dir):
+            return out_dir  # the other run finished this conversion while we waited
         src_dir, fname = str(gguf_path.parent), gguf_path.name
         loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)

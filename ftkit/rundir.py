@@ -2,7 +2,12 @@
 or Ctrl-C never leaves a half-written run dir where a finished one is expected.
 
 In a multi-process run every rank builds a RunDir (the checks are read-only), but only
-rank 0 creates, writes and renames; the others wait at a barrier.
+rank 0 locks, creates, writes and renames; the others wait at a barrier.
+
+Rank 0 locks the output (ftkit/locks.py) as soon as the RunDir is built, before any model is
+loaded, so a second run into a live run's dir fails at once (exit 2, naming the live run)
+instead of deleting the live run's `.partial` dir; the lock is released once the run dir is
+committed, or when the process ends, however it ends.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from ftkit.atomic import publish, sweep_leftovers
 from ftkit.errors import UserError
-from ftkit.ui import is_main_process
+from ftkit.locks import lock_output, release_output
+from ftkit.ui import is_main_process, log
 
 
 def _no_barrier() -> None:
@@ -25,6 +32,8 @@ class RunDir:
         self.final = Path(final).expanduser()
         self.overwrite = overwrite
         self.resume = resume
+        if is_main_process():  # before any check below: a live run's dir is not ours to judge or touch
+            lock_output(self.final, what="output.dir", log=log)
         if self.final.exists() and not self.final.is_dir():
             raise UserError(f"output.dir: {self.final} exists and is not a directory")
         if self.final.is_dir() and any(self.final.iterdir()) and not overwrite:
@@ -44,6 +53,8 @@ class RunDir:
     def start(self, keep_partial: bool = False, barrier: Callable[[], None] = _no_barrier) -> Path:
         from ftkit.resume import latest_checkpoint
 
+        if is_main_process():
+            lock_output(self.final, what="output.dir", log=log)  # a no-op when __init__ took it
         if self.work.exists() and not keep_partial and not self.overwrite:
             ckpt = latest_checkpoint(self.work)
             if ckpt is not None:
@@ -53,6 +64,7 @@ class RunDir:
                 )
         if is_main_process():
             try:
+                sweep_leftovers(self.final)
                 if self.work.exists() and not keep_partial:
                     shutil.rmtree(self.work)
                 self.work.mkdir(parents=True, exist_ok=True)
@@ -64,14 +76,7 @@ class RunDir:
     def commit(self, barrier: Callable[[], None] = _no_barrier) -> Path:
         barrier()  # every rank has finished writing its share before the rename
         if is_main_process():
-            trash = None
-            if self.final.exists():
-                trash = self.final.parent / f".{self.final.name}.old"
-                if trash.exists():
-                    shutil.rmtree(trash)
-                self.final.rename(trash)
-            self.work.rename(self.final)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+            publish(self.work, self.final)
+            release_output(self.final)
         barrier()
         return self.final

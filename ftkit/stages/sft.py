@@ -20,11 +20,12 @@ from ftkit.ui import is_main_process, log
 def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resume: str | None = None,
         use_cache: bool = True) -> Path:
     """Train and write the run dir. resume: None, "latest" (this run's newest checkpoint) or a path."""
+    # First, before the slow imports: a second run into a live run's dir fails at once (ftkit/locks.py).
+    run_dir = RunDir(output or default_output_dir(recipe), overwrite=overwrite, resume=resume is not None)
     from trl import SFTConfig, SFTTrainer
 
     from ftkit import resume as resuming
 
-    run_dir = RunDir(output or default_output_dir(recipe), overwrite=overwrite, resume=resume is not None)
     hw = setup_hardware(recipe)
     speed.check_levers(recipe, hw)
     base = resolve_model(recipe.model.name, log=log)
