@@ -130,11 +130,11 @@ app.command("report")(handle_errors(ci.report_command))
 
 
 def _is_pipeline_file(path: str) -> bool:
-    import yaml
+    from ftkit import safe_yaml
 
     try:
-        data = yaml.safe_load(open(path, encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        data = safe_yaml.load(safe_yaml.read_text(path), path)
+    except UserError:
         return False  # the recipe loader reports these with file:line
     return isinstance(data, dict) and "stages" in data and "stage" not in data
 

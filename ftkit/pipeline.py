@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from ftkit import safe_yaml
 from ftkit.errors import GateFailed, UserError, VerificationFailed
 from ftkit.recipe import STAGES, Recipe, _format_errors, _Located, check_files, resolve_path
 from ftkit.ui import console, log
@@ -108,13 +108,8 @@ def _substitute(value: Any, outputs: dict[str, str], later: set[str], where: str
 
 
 def _load_yaml(path: Path) -> tuple[Any, _Located]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        return yaml.safe_load(text), _Located(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}{line}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    text = safe_yaml.read_text(path)
+    return safe_yaml.load(text, str(path)), _Located(text)  # bounded first: _Located walks the same tree
 
 
 def _set_items(spec: dict, at: tuple, located: _Located, src: str) -> list[tuple[list[str], Any, str]]:
@@ -126,7 +121,7 @@ def _set_items(spec: dict, at: tuple, located: _Located, src: str) -> list[tuple
             if not isinstance(item, str) or "=" not in item:
                 raise UserError(f"{src}:{located.line_of(at + ('set', i))}: set: expected key.path=value, got {item!r}")
             key, raw = item.split("=", 1)
-            out.append((key.strip().split("."), yaml.safe_load(raw) if raw.strip() else "",
+            out.append((key.strip().split("."), safe_yaml.load_value(raw, f"{src}: set {item!r}"),
                         f"{src}:{located.line_of(at + ('set', i))}"))
         return out
     if not isinstance(items, dict):

@@ -1,7 +1,7 @@
 """The recipe schema (single source of truth) and its loader.
 
 Errors point at the recipe's file:line: the YAML is composed once with SafeLoader to
-record where each key sits, then loaded with yaml.safe_load for the values.
+record where each key sits, then loaded with the bounded ftkit/safe_yaml.py for the values.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
-from ftkit import knob_rules, peers
+from ftkit import knob_rules, peers, safe_yaml
 from ftkit.errors import UserError
 
 STAGES = ("sft", "pt", "rm", "dpo", "kto", "orpo", "rl")
@@ -445,10 +445,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise UserError(f"--set {item!r}: empty key path")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    value = safe_yaml.load_value(raw, f"--set {item!r}")
     return key.split("."), value
 
 
@@ -529,15 +526,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         where = str(path)
         if not p.is_file():
             raise UserError(f"recipe not found: {path}")
-        text = p.read_text(encoding="utf-8")
-        try:
-            located = _Located(text)
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise UserError(f"{where}{line}: not valid YAML: {problem}") from None
+        text = safe_yaml.read_text(p, where)
+        data = safe_yaml.load(text, where)  # bounded first (aliases, depth, keys): _Located walks the same tree
+        located = _Located(text)
         if data is None:
             data = {}
         if not isinstance(data, dict):
