@@ -7,6 +7,7 @@ Heavy imports (torch, transformers, trl) live inside the commands that need them
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import time
 from typing import List, Optional
@@ -186,12 +187,16 @@ def generate(model: str = typer.Argument(..., help="Run dir, merged dir, model a
              system: Optional[str] = typer.Option(None, "--system", help="System message"),
              base: Optional[str] = typer.Option(None, "--base", help="Base model for an adapter dir"),
              dtype: str = typer.Option("auto", "--dtype", help="auto (picked from the hardware) | float32 | "
-                                       "bfloat16 | float16")):
+                                       "bfloat16 | float16"),
+             tools: Optional[str] = typer.Option(None, "--tools", help="JSON file of tool schemas; each reply "
+                                                 "prints as an OpenAI-shape message JSON (content, tool_calls)")):
     """Generate a reply with the model's chat template (greedy by default)."""
     from ftkit.hardware import detect, dtype_option
     from ftkit.inference import generate as gen
     from ftkit.inference import load_for_inference
+    from ftkit.toolcalls import load_tools, message
 
+    schemas = load_tools(tools) if tools else None  # bad file: exit 2 before the model loads
     if temperature == 0:
         import torch
 
@@ -200,8 +205,8 @@ def generate(model: str = typer.Argument(..., help="Run dir, merged dir, model a
     m, tok = load_for_inference(model, dtype=hw.dtype, base=base, log=lambda s: err.print(s))
     convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
              for p in prompt]
-    for reply in gen(m, tok, convs, max_new_tokens=max_new_tokens, temperature=temperature):
-        print(reply)
+    for reply in gen(m, tok, convs, max_new_tokens=max_new_tokens, temperature=temperature, tools=schemas):
+        print(json.dumps(message(reply, tok.chat_template)[0], ensure_ascii=False) if schemas else reply)
 
 
 @app.command()

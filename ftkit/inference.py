@@ -83,19 +83,21 @@ def load_for_inference(target: str, dtype: str = "float32", base: str | None = N
     return model, tok
 
 
-def render_prompt(tok, messages: list[dict]) -> str:
+def render_prompt(tok, messages: list[dict], tools: list[dict] | None = None) -> str:
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
     # No template (a raw base model): plain text continuation.
     return "\n".join(m["content"] for m in messages)
 
 
 def generate(model, tok, prompts: list[list[dict]] | list[str], max_new_tokens: int = 128,
-             temperature: float = 0.0, batch_size: int = 8) -> list[str]:
-    """Greedy by default (deterministic). Each prompt is a message list or a plain user string."""
+             temperature: float = 0.0, batch_size: int = 8, tools: list[dict] | None = None) -> list[str]:
+    """Greedy by default (deterministic). Each prompt is a message list or a plain user string;
+    `tools` (function schemas) are rendered by the chat template, as in training."""
     import torch
 
-    texts = [render_prompt(tok, [{"role": "user", "content": p}] if isinstance(p, str) else p) for p in prompts]
+    texts = [render_prompt(tok, [{"role": "user", "content": p}] if isinstance(p, str) else p, tools)
+             for p in prompts]
     side = tok.padding_side
     tok.padding_side = "left"  # decoder-only batches must end where generation starts
     outs: list[str] = []

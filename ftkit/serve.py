@@ -21,6 +21,7 @@ from typing import Iterator, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from ftkit import toolcalls
 from ftkit.errors import UserError
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none; OpenAI's "up to the context" is minutes on a CPU
@@ -72,8 +73,18 @@ class _Sampling(_Open):
     logprobs: Union[StrictBool, StrictInt, None] = None
 
 
+class ToolFunction(_Open):
+    name: StrictStr
+
+
+class Tool(_Open):
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
@@ -139,15 +150,17 @@ class Engine:
             raise APIError(404, f"The model `{requested}` does not exist; this server serves `{self.name}`.",
                            param="model", code="model_not_found")
 
-    def chat_ids(self, messages: list[Message]) -> list[int]:
+    def chat_ids(self, messages: list[Message], tools: list[Tool] | None = None) -> list[int]:
         from ftkit.inference import render_prompt
+        from ftkit.toolcalls import request_messages
 
         msgs = []
         for m in messages:
             text = m.content if isinstance(m.content, str) else "".join(p.text for p in (m.content or []))
-            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+            extra = {k: v for k, v in (m.model_extra or {}).items() if k in ("tool_calls", "tool_call_id", "name")}
+            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text, **extra})
         try:
-            text = render_prompt(self.tok, msgs)
+            text = render_prompt(self.tok, request_messages(msgs), [t.model_dump() for t in tools or []])
         except Exception as exc:  # the model's own template rejected the conversation (e.g. role order)
             raise APIError(400, f"the model's chat template rejected these messages: {exc}", param="messages") from None
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -329,6 +342,9 @@ def build_app(engine: Engine, api_key: str | None = None):
                 text = "".join(engine.stream(ids, budget, req, strip, outcome))
                 completion += outcome.completion_tokens
                 body = ({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
+                if getattr(req, "tools", None):  # OpenAI tool_calls, parsed by the template's markers
+                    body["message"], called = toolcalls.message(text, engine.tok.chat_template)
+                    outcome.finish_reason = "tool_calls" if called else outcome.finish_reason
                 choices.append({"index": i, **body, "logprobs": None, "finish_reason": outcome.finish_reason})
             prompt_tokens = sum(len(p) for p in prompts)
             return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": now,
@@ -338,9 +354,9 @@ def build_app(engine: Engine, api_key: str | None = None):
 
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+        def chunk(i: int, text: str | None, finish: str | None, first: bool = False, delta: dict | None = None) -> dict:
             if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                delta = delta or ({"role": "assistant", "content": ""} if first else ({"content": text} if text else {}))
                 choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -353,8 +369,15 @@ def build_app(engine: Engine, api_key: str | None = None):
                     if kind == "chat":
                         yield sse(chunk(i, None, None, first=True))
                     outcome = Outcome()
-                    for piece in engine.stream(ids, budget, req, strip, outcome):
-                        yield sse(chunk(i, piece, None))
+                    if getattr(req, "tools", None):  # content streams; each tool call arrives whole at the end
+                        called: dict = {}
+                        for delta in toolcalls.stream_deltas(engine.stream(ids, budget, req, strip, outcome),
+                                                             engine.tok.chat_template, called):
+                            yield sse(chunk(i, None, None, delta=delta))
+                        outcome.finish_reason = "tool_calls" if called["tool_calls"] else outcome.finish_reason
+                    else:
+                        for piece in engine.stream(ids, budget, req, strip, outcome):
+                            yield sse(chunk(i, piece, None))
                     completion += outcome.completion_tokens
                     yield sse(chunk(i, None, outcome.finish_reason))
                 if req.stream_options and req.stream_options.include_usage:
@@ -386,7 +409,7 @@ def build_app(engine: Engine, api_key: str | None = None):
 
     def chat(req: ChatRequest):
         engine.check_model(req.model)
-        prompts = [engine.chat_ids(req.messages)]
+        prompts = [engine.chat_ids(req.messages, req.tools)]
         budgets = prepare(req, prompts, req.max_completion_tokens or req.max_tokens)
         return run("chat", req, prompts, budgets, strip=True)
 

@@ -124,6 +124,8 @@ def tool_problems(rows: list[dict]) -> list[str]:
     for row in rows:
         open_calls: list[dict] = []
         msgs = row.get("messages") or []
+        if not any("tool_calls" in m for m in msgs):
+            continue  # older data writes calls inside the text; its tool turns are plain turns
         for i, m in enumerate(msgs):
             where = f"{row['where']}: turn {i + 1}"
             for c in m.get("tool_calls", ()):
@@ -171,5 +173,5 @@ def chat_counts(rows: list[dict]) -> dict:
 
 
 def uses_tools(rows: list[dict]) -> bool:
-    return any(row.get("tools") or any("tool_calls" in m or m["role"] == "tool" for m in row.get("messages", ()))
-               for row in rows)
+    """Structured tool use (tools, tool_calls): it needs a template that renders them."""
+    return any(row.get("tools") or any("tool_calls" in m for m in row.get("messages", ())) for row in rows)

@@ -1,0 +1,104 @@
+"""Tool calls through `ftkit serve`'s OpenAI API, checked with the official openai client: the request's
+tools reach the chat template, and replies carrying <tool_call> blocks come back as `tool_calls`
+(streamed too). The model is replaced by canned replies here; test_data_tools_e2e runs a real one."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from tool_templates import WEATHER
+
+from ftkit.data.templates import CHATML_TOOLS
+from ftkit.toolcalls import parse
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def canned(tiny_model):
+    from fastapi.testclient import TestClient
+
+    from ftkit.models import load_tokenizer
+    from ftkit.serve import Engine, build_app
+
+    tok = load_tokenizer(str(tiny_model))
+    tok.chat_template = CHATML_TOOLS
+    seen = {}
+
+    class Canned(Engine):
+        def stream(self, ids, max_tokens, req, strip, outcome):
+            seen["prompt"] = self.tok.decode(ids)
+            reply = seen.get("reply", CALL)
+            outcome.completion_tokens = len(reply)
+            yield from (reply[i : i + 4] for i in range(0, len(reply), 4))
+
+    engine = Canned(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096)), tok, "m")
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x",
+                           http_client=TestClient(build_app(engine)), max_retries=0)
+    return client, seen
+
+
+def test_tool_call_reply_in_openai_shape(canned):
+    client, seen = canned
+    seen["reply"] = CALL
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                       tools=WEATHER)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [c] = choice.message.tool_calls
+    assert c.type == "function" and c.function.name == "get_weather" and c.id.startswith("call_")
+    assert json.loads(c.function.arguments) == {"city": "Paris"}
+    assert '"name": "get_weather"' in seen["prompt"].split("</tools>")[-2]  # the tools block reached the template
+
+
+def test_tool_results_render_and_plain_reply_stays_content(canned):
+    client, seen = canned
+    seen["reply"] = "It is 18C in Paris."
+    msgs = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C"}]
+    r = client.chat.completions.create(model="m", messages=msgs, tools=WEATHER)
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "It is 18C in Paris."
+    assert not r.choices[0].message.tool_calls
+    assert CALL in seen["prompt"] and "<tool_response>\n18C\n</tool_response>" in seen["prompt"]
+
+
+def test_streamed_tool_call_arrives_whole_after_the_content(canned):
+    client, seen = canned
+    seen["reply"] = "Let me check.\n" + CALL
+    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Paris?"}],
+                                            tools=WEATHER, stream=True)
+    content, calls, finish = "", [], None
+    for ev in stream:
+        d = ev.choices[0].delta
+        content += d.content or ""
+        calls += d.tool_calls or []
+        finish = ev.choices[0].finish_reason or finish
+    assert content.strip() == "Let me check." and "<tool_call>" not in content
+    assert finish == "tool_calls" and len(calls) == 1 and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+
+
+def test_parse_by_template_markers():
+    assert parse("<tool_call>\n{not json}\n</tool_call>", CHATML_TOOLS)[1] == []  # never a broken call
+    content, calls = parse('{"name": "get_weather", "parameters": {"city": "Lima"}}', "llama-style")
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Lima"}
+    assert parse('The JSON {"name": "x"} is here', "llama-style") == ('The JSON {"name": "x"} is here', [])
+
+
+def test_generate_tools_file_errors_before_loading(tmp_path):
+    from conftest import ftkit
+
+    res = ftkit("generate", "smollm2-135m-instruct", "--tools", str(tmp_path / "none.json"), "-p", "hi")
+    assert res.returncode == 2 and "--tools" in res.stderr and "file not found" in res.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"type": "function", "function": {"name": 3}}]')
+    res = ftkit("generate", "smollm2-135m-instruct", "--tools", str(bad), "-p", "hi")
+    assert res.returncode == 2 and "a tool schema without a name" in res.stderr and "Traceback" not in res.stderr
