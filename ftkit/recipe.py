@@ -7,6 +7,7 @@ record where each key sits, then loaded with the bounded ftkit/safe_yaml.py for 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -482,10 +483,112 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+# pydantic names the member of a union that failed in the error's location (literal['auto'],
+# constrained-int, list[str], ...); that is not part of the recipe's key path.
+_UNION_TAG = re.compile(r"^([\w-]+\[.*\]|constrained-\w+|int|float|str|bool|none)$")
+
+
+def _sections() -> dict[str, list[str]]:
+    return {name: list(f.annotation.model_fields) for name, f in Recipe.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+
+
+def _suggest(parent: tuple, key: str) -> list[str]:
+    """Dotted keys the user probably meant by `key` under `parent`, best first."""
+    here = _fields_at(parent)
+    prefix = ".".join(map(str, parent))
+    dotted = [f"{prefix}.{f}" if prefix else f for f in here]
+    # An abbreviation of a field here (lr: learning_rate).
+    initials = [d for f, d in zip(here, dotted) if len(key) > 1 and "".join(w[0] for w in f.split("_")) == key]
+    close = difflib.get_close_matches(key, here, n=1, cutoff=0.6)
+    if initials or close:
+        return initials or [dotted[here.index(close[0])]]
+    # The right key in the wrong section (a top-level learning_rate).
+    sections = _sections()
+    found = [f"{sec}.{key}" for sec, fields in sections.items() if key in fields and sec != prefix]
+    if found:
+        return found
+    everywhere = {f"{sec}.{f}": f for sec, fields in sections.items() for f in fields}
+    close = difflib.get_close_matches(key, list(everywhere.values()), n=1, cutoff=0.8)
+    return [d for d, f in everywhere.items() if close and f == close[0]][:2]
+
+
+def _unknown_key(loc: tuple, dotted: str) -> str:
+    parent, key = loc[:-1], str(loc[-1])
+    hint = _suggest(parent, key)
+    hint_txt = peers.hint(key) or (f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else "")
+    choices = _fields_at(parent)
+    valid = f"{'' if hint_txt else '.'} Valid keys here: {', '.join(choices)}." if choices else ""
+    return f"unknown key {dotted!r}{hint_txt}{valid}"
+
+
+def _expected(e: dict, in_union: bool) -> str:
+    """What a failed check wanted, as a phrase that reads after 'must be'."""
+    t, ctx = e["type"], e.get("ctx") or {}
+    if t == "literal_error":
+        expected = str(ctx.get("expected", ""))
+        return expected if in_union or "," not in expected and " or " not in expected else f"one of: {expected}"
+    bounds = {"greater_than": ("greater than", "gt"), "greater_than_equal": ("at least", "ge"),
+              "less_than": ("less than", "lt"), "less_than_equal": ("at most", "le")}
+    if t in bounds:
+        words, k = bounds[t]
+        bound = ctx.get(k)
+        return f"{words} {bound:g}" if isinstance(bound, (int, float)) else f"{words} {bound}"
+    phrases = {"int_parsing": "a whole number", "int_type": "a whole number", "int_from_float": "a whole number",
+               "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
+               "bool_type": "true or false", "string_type": "text", "list_type": "a list",
+               "dict_type": "a mapping of keys to values", "model_type": "a section of keys",
+               "model_attributes_type": "a section of keys"}
+    if t in phrases:
+        return phrases[t]
+    msg = e["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
+    return msg[:1].lower() + msg[1:]
+
+
+def _got(e: dict) -> str:
+    got = e.get("input")
+    return f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+
+
+def _section_error(loc: tuple, dotted: str, e: dict) -> str | None:
+    """A section (model:, train:, ...) given a value or left empty."""
+    fields = _fields_at(loc)
+    if not fields or e["type"] not in ("model_type", "model_attributes_type", "dict_type"):
+        return None
+    keys = ", ".join(fields[:5]) + (", ..." if len(fields) > 5 else "")
+    got = e.get("input")
+    if got is None:
+        return f"{dotted}: is empty; give it keys ({keys}) or remove the line"
+    hint = f"; did you mean {dotted}.name: {got}?" if "name" in fields and isinstance(got, str) else ""
+    return f"{dotted}: is a section of keys ({keys}), not a single value (got {got!r}){hint}"
+
+
+def _value_error(group: list[dict], loc: tuple, dotted: str) -> str:
+    if any(e["type"] == "missing" for e in group):
+        return f"{dotted}: is required"
+    section = _section_error(loc, dotted, group[0]) if len(group) == 1 else None
+    if section:
+        return section
+    phrases = list(dict.fromkeys(_expected(e, len(group) > 1) for e in group))
+    wanted = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " or " + phrases[-1]
+    got = group[0].get("input")
+    hint = ""
+    if isinstance(got, str):
+        options = [o for e in group if e["type"] == "literal_error"
+                   for o in re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", "")))]
+        close = difflib.get_close_matches(got, options, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{dotted}: must be {wanted}{_got(group[0])}{hint}"
+
+
 def _format_errors(err: ValidationError, where: str, located: _Located | None, origin: dict) -> str:
-    out = []
+    """pydantic's errors in the recipe's words: one line per key, at its file:line (or --set item)."""
+    groups: dict[tuple, list[dict]] = {}
     for e in err.errors():
-        loc = tuple(p for p in e["loc"])
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
+        groups.setdefault(loc, []).append(e)
+    out = []
+    for loc, group in groups.items():
         dotted = ".".join(str(p) for p in loc) or "(top level)"
         if loc in origin:
             place = origin[loc]
@@ -493,26 +596,22 @@ def _format_errors(err: ValidationError, where: str, located: _Located | None, o
             place = f"{where}:{located.line_of(loc)}"
         else:
             place = where
-        if e["type"] == "extra_forbidden":
-            parent, key = loc[:-1], str(loc[-1])
-            choices = _fields_at(parent)
-            close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
-            hint = peers.hint(key) or (f"; did you mean {'.'.join(map(str, parent + (close[0],)))!r}?" if close else "")
-            valid = f" Valid keys here: {', '.join(choices)}." if choices else ""
-            out.append(f"{place}: unknown key {dotted!r}{hint}{valid}")
-        else:
-            got = e.get("input")
-            got_txt = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+        for e in [e for e in group if e["type"] in ("extra_forbidden", "value_error")]:
+            if e["type"] == "extra_forbidden":
+                out.append(f"{place}: {_unknown_key(loc, dotted)}")
+                continue
             msg = e["msg"].removeprefix("Value error, ")
-            if e["type"] == "literal_error":
-                msg = msg.replace("Input should be", "must be one of:")
             named = msg.split(":", 1)[0].split(" ", 1)[0]  # cross-field checks start with the field they blame
             field_path = tuple(named.split(".")) if "." in named else None
-            if e["type"] == "value_error" and field_path and located is not None and located.line_of(field_path):
+            if field_path and located is not None and located.line_of(field_path):
                 out.append(f"{where}:{located.line_of(field_path)}: {msg}")
-                continue
+            else:
+                out.append(f"{place}: {dotted}: {msg}{_got(e)}")
+        rest = [e for e in group if e["type"] not in ("extra_forbidden", "value_error")]
+        if rest:
+            got = rest[0].get("input")
             peer = peers.hint(dotted) if len(loc) == 1 and not isinstance(got, dict) else ""
-            out.append(f"{place}: {dotted}: {msg}{got_txt}{peer}")
+            out.append(f"{place}: {_value_error(rest, loc, dotted)}{peer}")
     return "\n".join(out)
 
 

@@ -110,6 +110,39 @@ def test_bad_recipe_cli_contract(tmp_path, data_file, text, sets, needles):
         assert needle.replace(":", f"{p}:", 1) in flat if needle.startswith(":") else needle in flat, (needle, flat)
 
 
+# (recipe text, --set items, what the message says): pydantic's wording never reaches the user.
+WORDING = [
+    ("train:\n  batch_size: foo\n", [], ":2: train.batch_size: must be 'auto' or a whole number (got 'foo')"),
+    ("train:\n  batch_size: 0\n", [], ":2: train.batch_size: must be 'auto' or greater than 0 (got 0)"),
+    ("model: smollm2\n", [], ":1: model: is a section of keys (name, dtype"),
+    ("model: smollm2\n", [], "did you mean model.name: smollm2?"),
+    ("train:\n", [], ":1: train: is empty; give it keys (epochs,"),
+    ("learning_rate: 0.001\n", [], ":1: unknown key 'learning_rate'; did you mean 'train.learning_rate'?"),
+    ("beta: 0.2\n", [], "did you mean 'preference.beta' or 'rl.beta'?"),
+    ("train:\n  lr: 0.001\n", [], ":2: unknown key 'train.lr'; did you mean 'train.learning_rate'?"),
+    ("train:\n  num_train_epochs: 2\n", [], "num_train_epochs (LLaMA-Factory) is train.epochs in ftkit"),
+    ("{}\n", ["train.lr=1e-4"], "--set train.lr=1e-4: unknown key 'train.lr'; did you mean 'train.learning_rate'?"),
+    ("{}\n", ["learning_rate=1e-4"], "--set learning_rate=1e-4: unknown key 'learning_rate'; did you mean 'train.learning_rate'?"),
+    ("{}\n", ["train.batch_size=x"], "--set train.batch_size=x: train.batch_size: must be 'auto' or a whole number"),
+    ("stage: sftt\n", [], ":1: stage: must be one of: 'sft', 'pt', 'rm', 'dpo', 'kto', 'orpo' or 'rl' (got 'sftt'); did you mean 'sft'?"),
+    ("method:\n  target_modules: 5\n", [], ":2: method.target_modules: must be 'auto' or 'all-linear' or a list (got 5)"),
+    ("train:\n  max_steps: 2.5\n", [], ":2: train.max_steps: must be a whole number (got 2.5)"),
+    ("model:\n  trust_remote_code: maybe\n", [], ":2: model.trust_remote_code: must be true or false (got 'maybe')"),
+    ("data:\n  columns: [a]\n", [], ":2: data.columns: must be a mapping of keys to values (got ['a'])"),
+]
+
+
+@pytest.mark.parametrize("text,sets,needle", WORDING, ids=[f"words{i}" for i in range(len(WORDING))])
+def test_errors_are_in_the_recipes_words(tmp_path, text, sets, needle):
+    p = _write(tmp_path, text)
+    with pytest.raises(UserError) as exc:
+        load_recipe(p, sets)
+    msg = str(exc.value)
+    assert (needle.replace(":", f"{p}:", 1) if needle.startswith(":") else needle) in msg, msg
+    for jargon in ("Input should", "literal[", "constrained-", "Section", "valid dictionary"):
+        assert jargon not in msg, msg
+
+
 def test_missing_recipe_and_bad_args(tmp_path):
     res = ftkit("validate", str(tmp_path / "nope.yaml"))
     assert res.returncode == 2 and "recipe not found" in res.stderr and "Traceback" not in res.stderr
