@@ -1,14 +1,18 @@
 """LoRA SFT throughput: plain TRL vs ftkit on the same model, the same tokens, in one invocation.
 
-    python benchmarks/sft_speed.py [--device auto|cpu|cuda] [--steps N] [--warmup W]
-                                   [--variants a,b,...] [--json OUT]
+    python benchmarks/sft_speed.py [--device auto|cpu|cuda] [--model 1b|7b] [--tiny] [--steps N]
+                                   [--warmup W] [--variants a,b,...] [--json OUT]
 
-Workloads (chosen by the device):
-  cpu   the embedded SmolLM2-135M-Instruct, the quickstart chat data, batch 4, max_length 256;
-  cuda  a Llama-3.2-1B-shaped random model (1.09B params, no download; the shape of
-        ../shared/bench/trl_anchor.py), text rows with lognormal lengths (median ~400 tokens,
-        cap 2048), batch 8.
-Both use LoRA r16 / alpha 32 / dropout 0.05 on every linear layer of the blocks.
+Workloads (chosen by the device and --model):
+  cpu       the embedded SmolLM2-135M-Instruct, the quickstart chat data, batch 4, max_length 256;
+  cuda 1b   a Llama-3.2-1B-shaped random model (1.09B params, no download; the shape of
+            ../shared/bench/trl_anchor.py), text rows with lognormal lengths (median ~400 tokens,
+            cap 2048), batch 8;
+  cuda 7b   a Llama-2-7B-shaped random model (32 layers, hidden 4096, MLP 11008, 32 heads; the
+            SmolLM2 vocabulary) built on the GPU, the same rows; for the QLoRA variants (nf4, double
+            quant, bf16 compute: the one BitsAndBytesConfig of ftkit.methods, given to both sides);
+  --tiny    the cuda workload's code path with a tiny model and short rows, on any device (a dry run).
+All use LoRA r16 / alpha 32 / dropout 0.05 on every linear layer of the blocks.
 
 Every variant runs in its own process (so peak memory is its own) on the very same token ids:
 ftkit prepares the data once and the TRL variants get those input_ids. tokens/s counts real
@@ -47,11 +51,14 @@ VARIANTS = {
                             "torch_compile": True}),
     # QLoRA: TRL is handed the base loaded in 4-bit nf4 (double quant), as its docs show.
     "trl_qlora": ("trl", {"activation_checkpointing": False, "qlora": True}),
+    "trl_qlora_defaults": ("trl", {"qlora": True}),  # plain TRL's defaults (activation checkpointing on)
     "trl_qlora_cpu": ("trl", {"bf16": False, "fp16": False, "activation_checkpointing": False, "qlora": True}),
-    "ftkit": ("ftkit", []),
+    "ftkit": ("ftkit", []),  # defaults: on CUDA padding-free varlen batches + Liger
+    "ftkit_padded": ("ftkit", ["train.padding_free=false"]),
     "ftkit_qlora": ("ftkit", ["method.type=qlora"]),
+    "ftkit_qlora_lowmem": ("ftkit", ["method.type=qlora", "train.low_memory=true"]),
     "ftkit_packing": ("ftkit", ["data.packing=true"]),
-    "ftkit_lowmem": ("ftkit", ["data.packing=true", "train.activation_checkpointing=true"]),
+    "ftkit_lowmem": ("ftkit", ["train.low_memory=true"]),
     "ftkit_compile": ("ftkit", ["train.compile=true"]),
     "ftkit_packing_compile": ("ftkit", ["data.packing=true", "train.compile=true"]),
 }
@@ -59,39 +66,55 @@ DEFAULT = {
     "cpu": ["trl_defaults", "trl_fp32", "trl_fp32_packing", "ftkit", "ftkit_packing"],
     "cuda": ["trl_defaults", "trl_nopack", "trl_tuned", "trl_liger", "trl_compile",
              "ftkit", "ftkit_packing", "ftkit_lowmem", "ftkit_packing_compile"],
+    "cuda7b": ["trl_qlora_defaults", "ftkit_qlora_lowmem", "ftkit_qlora", "trl_qlora"],
 }
 BASELINES = {"cpu": ("trl_defaults", "trl_fp32", "trl_fp32_packing", "trl_qlora_cpu"),
-             "cuda": ("trl_defaults", "trl_nopack", "trl_tuned", "trl_liger", "trl_compile", "trl_qlora")}
+             "cuda": ("trl_defaults", "trl_nopack", "trl_tuned", "trl_liger", "trl_compile", "trl_qlora_defaults",
+                      "trl_qlora")}
 
 
-def workload(device: str, work: Path, base: str | None) -> dict:
+# LlamaConfig fields of each random model (no download). 7b: Llama-2-7B's shape.
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, tie_word_embeddings=False, rope_theta=10000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, rope_theta=10000.0),
+}
+
+
+def workload(device: str, work: Path, base: str | None, model: str = "1b", tiny: bool = False) -> dict:
     """Model dir, recipe overrides and data for the device; written once into `work`."""
     from ftkit.models import resolve_model
 
-    if device == "cpu":
+    if device == "cpu" and not tiny:
         return {"model": resolve_model("smollm2-135m-instruct"), "data": str(QUICKSTART), "batch": 4,
-                "max_length": 256, "set": ["data.format=messages"]}
+                "max_length": 256, "set": ["data.format=messages"], "shape": SHAPES["1b"]}
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    model_dir = work / "llama-1b-shaped"
+    shape = "tiny" if tiny else model
+    model_dir = work / f"llama-{shape}-shaped"
     tok = AutoTokenizer.from_pretrained(base or resolve_model("smollm2-135m-instruct"))
     if not (model_dir / "config.json").exists():
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-                          tie_word_embeddings=True, rope_theta=500000.0, pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **SHAPES[shape])
         torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(model_dir)
+        with torch.device(device):  # a 7B init takes minutes on CPU cores, seconds on the GPU
+            m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        m.save_pretrained(model_dir)
+        del m
         tok.save_pretrained(model_dir)
     rng = np.random.default_rng(0)
     words = [w for w in tok.get_vocab() if w.isalpha() and 3 <= len(w) <= 8][:5000]
-    lens = np.clip(rng.lognormal(np.log(400), 0.8, 4000).astype(int), 32, 2047)
+    median, cap, rows = (40, 255, 200) if tiny else (400, 2047, 4000)
+    lens = np.clip(rng.lognormal(np.log(median), 0.8, rows).astype(int), 8, cap)
     data = work / "text.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, n))}) + "\n" for n in lens))
-    return {"model": str(model_dir), "data": str(data), "batch": 8, "max_length": 2048,
-            "set": ["data.format=text", "stage=pt"]}
+    return {"model": str(model_dir), "data": str(data), "batch": 8, "max_length": cap + 1,
+            "set": ["data.format=text", "stage=pt"], "shape": SHAPES[shape]}
 
 
 def recipe_items(w: dict, steps: int, out: Path, extra: list[str]) -> list[str]:
@@ -127,6 +150,10 @@ def worker(name: str, device: str, w: dict, steps: int, warmup: int, out: Path) 
         history = [(r["step"], r["elapsed_s"], r["tokens_seen"]) for r in rows if r.get("kind") == "train"]
         m = json.loads((run_dir / "metrics.json").read_text())
         info = {"precision": m["precision"], "speed": m.get("speed"), "batch": m.get("batch_size")}
+        if "method.type=qlora" in settings:
+            from ftkit.methods import quantization_kwargs
+
+            info["bnb"] = quantization_kwargs(4, m["precision"], device)["quantization_config"].to_dict()
         n_params = m["total_params"]
     else:
         import torch
@@ -141,14 +168,16 @@ def worker(name: str, device: str, w: dict, steps: int, warmup: int, out: Path) 
         tok = AutoTokenizer.from_pretrained(w["model"])
         settings = dict(settings)
         model = w["model"]
+        bnb = None
         if settings.pop("qlora", False):
-            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+            from transformers import AutoModelForCausalLM
 
-            compute = torch.float32 if settings.get("bf16") is False else torch.bfloat16
-            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=compute)
-            model = AutoModelForCausalLM.from_pretrained(w["model"], quantization_config=q, dtype=compute,
-                                                         device_map={"": "cpu" if device == "cpu" else 0})
+            from ftkit.methods import quantization_kwargs
+
+            compute = "float32" if settings.get("bf16") is False else "bfloat16"
+            q = quantization_kwargs(4, compute, device)  # the very BitsAndBytesConfig ftkit loads with
+            bnb = q["quantization_config"].to_dict()
+            model = AutoModelForCausalLM.from_pretrained(w["model"], dtype=getattr(torch, compute), **q)
         # The very tokens ftkit trains on (from its data cache after the first prepare).
         prepared = prepare(load_recipe(None, recipe_items(w, steps, out, [])), tok, log=lambda *_: None)
         train, _ = prepared.to_datasets()
@@ -164,7 +193,9 @@ def worker(name: str, device: str, w: dict, steps: int, warmup: int, out: Path) 
         args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=w["batch"],
                          learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to=[],
                          use_cpu=device == "cpu", max_length=w["max_length"], disable_tqdm=True,
-                         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+                         # a flat (packed) row holds no padding; "non_padding" would drop tokens equal to the pad id
+                         include_num_input_tokens_seen="all" if settings.get("packing") else "non_padding",
+                         dataloader_num_workers=0,
                          **({"packing_strategy": "bfd"} if settings.get("packing") else {}), **settings)
         trainer = SFTTrainer(model=model, args=args, train_dataset=ids, processing_class=tok,
                              peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
@@ -172,7 +203,7 @@ def worker(name: str, device: str, w: dict, steps: int, warmup: int, out: Path) 
                              callbacks=[Clock()])
         trainer.train()
         info = {"precision": "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32",
-                "activation_checkpointing": bool(args.activation_checkpointing)}
+                "activation_checkpointing": bool(args.activation_checkpointing), "bnb": bnb}
         n_params = sum(p.numel() for p in trainer.model.parameters())
     tps, secs = tokens_per_s(history, warmup)
     return {"variant": name, "tokens_per_s": round(tps, 1), "timed_s": round(secs, 2),
@@ -188,13 +219,15 @@ def mfu(res: dict, device: str, w: dict) -> float | None:
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     if peak is None:
         return None
-    layers, hidden, ctx = 16, 2048, 400  # attention at about the median document length
+    layers, hidden, ctx = w["shape"]["num_hidden_layers"], w["shape"]["hidden_size"], 400  # ~ the median row
     return res["tokens_per_s"] * (4 * res["params"] + 12 * layers * hidden * ctx) / peak
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--model", choices=["1b", "7b"], default="1b", help="cuda workload: the model's shape")
+    ap.add_argument("--tiny", action="store_true", help="the cuda workload with a tiny model (a dry run, any device)")
     ap.add_argument("--steps", type=int, default=None, help="steps per variant (cpu 6, cuda 24)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed first steps (cpu 2, cuda 6)")
     ap.add_argument("--variants", help=f"comma-separated, from: {', '.join(VARIANTS)}")
@@ -213,14 +246,21 @@ def main() -> int:
         print("RESULT " + json.dumps(worker(a.worker, device, w, steps, warmup, a.work / a.worker)), flush=True)
         return 0
 
-    names = a.variants.split(",") if a.variants else DEFAULT[device]
+    names = a.variants.split(",") if a.variants else DEFAULT["cuda7b" if a.model == "7b" else device]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     results, failed = {}, {}
+    hw = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    import transformers
+    import trl
+
+    header = {"device": hw, "model": "tiny" if a.tiny else a.model if device == "cuda" else "smollm2-135m",
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "transformers": transformers.__version__,
+              "trl": trl.__version__, "steps": steps, "warmup": warmup}
     with tempfile.TemporaryDirectory(prefix="ftkit-sft-speed-") as tmp:
         work = Path(tmp)
-        w = workload(device, work, a.base)
+        w = workload(device, work, a.base, a.model, a.tiny)
         (work / "workload.json").write_text(json.dumps(w))
         for name in names:
             cmd = [sys.executable, __file__, "--worker", name, "--work", str(work), "--device", device,
@@ -238,7 +278,8 @@ def main() -> int:
             results[name] = res
             print(f"{name:<18} {res['tokens_per_s']:>10,.0f} tok/s  peak {res['peak_gib']:6.2f} GiB"
                   + (f"  MFU {res['mfu']:.3f}" if res["mfu"] else ""), flush=True)
-    hw = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
+            if a.json:  # after every variant: a run cut off by a time limit still leaves what it measured
+                a.json.write_text(json.dumps({**header, "results": results, "failed": failed}, indent=2))
     print(f"\nLoRA SFT on {hw}: {steps} steps per variant, the first {warmup} untimed")
     ratios = {}
     trl = [n for n in BASELINES[device] if n in results]
@@ -247,8 +288,7 @@ def main() -> int:
         for b in trl:
             ratios[f"{f}/{b}"] = round(results[f]["tokens_per_s"] / results[b]["tokens_per_s"], 2)
             print(f"  {f} / {b}: {ratios[f'{f}/{b}']:.2f}x" + ("   (best hand-tuned TRL)" if b == best else ""))
-    out = {"device": hw, "torch": torch.__version__, "steps": steps, "warmup": warmup,
-           "results": results, "ratios": ratios, "failed": failed}
+    out = {**header, "results": results, "ratios": ratios, "failed": failed}
     if a.json:
         a.json.write_text(json.dumps(out, indent=2))
     return 1 if failed else 0

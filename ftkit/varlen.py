@@ -204,6 +204,9 @@ def architecture_problem(model) -> str | None:
 def method_problem(recipe: Recipe) -> str | None:
     if recipe.method.type in VIRTUAL_TOKEN_METHODS:
         return f"method.type {recipe.method.type} puts virtual tokens before every sample, not once per row"
+    if getattr(recipe.train, "neftune_noise_alpha", None) is not None:
+        # NEFTune scales its noise by 1/sqrt(row length): a flat row of many samples would get less of it.
+        return "train.neftune_noise_alpha scales its noise by the row's length, which a flat row changes"
     return None
 
 

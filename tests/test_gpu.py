@@ -5,6 +5,7 @@ one interpreter for the whole tier keeps it inside the device check's minutes.""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -139,6 +140,7 @@ def test_auto_batch_shrinks_after_a_real_out_of_memory(tmp_path, tiny_model):
     data.write_text("".join(json.dumps({"text": words}) + "\n" for _ in range(64)), encoding="utf-8")
     r = write_recipe(tmp_path / "r.yaml", tiny_model, data, stage="pt", data={"max_length": 2048},
                      train={"batch_size": "auto", "max_steps": 1, "liger": False, "padding_free": False})
+    gc.collect()  # earlier tests' models must not count against the cap
     torch.cuda.empty_cache()
     total = torch.cuda.mem_get_info()[1]
     # The start batch (64k tokens of 2048-token rows) needs ~13 GiB for its fp32 logits alone; 4 GiB does not hold it.
@@ -153,3 +155,16 @@ def test_auto_batch_shrinks_after_a_real_out_of_memory(tmp_path, tiny_model):
     start = speed.AUTO_BATCH_TOKENS // 2048
     assert 0 < m["batch_size"] < start and m["steps"] == 1, m["batch_size"]
 
+
+
+def test_compile_with_the_varlen_path_learns_what_eager_learns(tmp_path, tiny_model, chat_file):
+    """Last in the file: compiling is the slowest test here, and a cut-off tier has reported the rest by then."""
+    runs = {}
+    for name, train in (("eager", {"liger": False}), ("compiled", {"liger": False, "compile": True})):
+        r = write_recipe(tmp_path / f"{name}.yaml", tiny_model, chat_file, output={"dir": str(tmp_path / name)},
+                         train=train)
+        cli("sft", str(r), "--no-cache")
+        runs[name] = metrics(tmp_path / name)
+    assert runs["compiled"]["speed"]["compile"] is True
+    assert runs["compiled"]["speed"]["padding_free"]["attention"] == "ftkit_varlen"
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=2e-2)
