@@ -119,6 +119,7 @@ def test_the_decision_falls_back_with_a_reason(tiny_model):
     assert "bf16/fp16" in varlen.plan(Recipe(), fp32_gpu, model).reason
     prefix = Recipe(method={"type": "prefix"})
     assert "virtual tokens" in varlen.plan(prefix, GPU, model).reason
+    assert "neftune" in varlen.plan(Recipe(train={"neftune_noise_alpha": 5.0}), GPU, model).reason
     with pytest.raises(UserError, match="train.padding_free: true: method.type prefix"):
         varlen.plan(Recipe(method={"type": "prefix"}, train={"padding_free": True}), CPU, model)
     model.config.sliding_window = 16
