@@ -190,3 +190,13 @@ def test_tiny_model_trains_two_steps_on_each_starter_file(tmp_path, tiny_model, 
     assert res.returncode == 0, res.stderr[-2000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics.get("global_step", metrics.get("steps")) == 2 or "train_loss" in metrics
+
+
+def test_preview_names_untrained_turns_and_check_counts_reasoning(tmp_path, tiny_model):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, REPO / "data_templates" / "reasoning.jsonl",
+                          data={"max_length": 128, "train_on_reasoning": False})
+    res = ftkit("data", "preview", str(recipe), "-n", "4")
+    assert res.returncode == 0, res.stderr
+    assert "turn(s) 2: train: false (no loss)" in res.stdout and "<think>" in res.stdout
+    res = ftkit("data", "check", str(recipe), "--no-cache")
+    assert res.returncode == 0 and "12 reasoning turns · 3 untrained turns" in res.stdout, res.stdout
