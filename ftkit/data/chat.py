@@ -45,7 +45,8 @@ def norm_call(where: str, i: int, call) -> dict:
         raise UserError(f"{where}: turn {i + 1}: a tool call without a function name ({json.dumps(call)[:80]}); "
                         'write {"type": "function", "function": {"name": ..., "arguments": {...}}}')
     args = fn.get("arguments", fn.get("parameters", {}))
-    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": _json_value(args)}}
+    out = {"id": call["id"]} if isinstance(call.get("id"), str) else {}
+    return {**out, "type": "function", "function": {"name": fn["name"], "arguments": _json_value(args)}}
 
 
 def norm_tools(where: str, tools) -> list[dict] | None:
