@@ -6,21 +6,22 @@ Heavy imports (torch, transformers, trl) live inside the commands that need them
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
 from typing import List, Optional
 
-import enum
-
 import typer
 from rich.console import Console
 
 from ftkit import __version__
-from ftkit.commands import ci
-from ftkit.errors import GateFailed, UserError, VerificationFailed
+from ftkit.choices import as_enum
+from ftkit.commands import bench, deploy, evaluate, rlhf, train
+from ftkit.commands.common import Dtype, OverwriteOpt, SetOpt, bare_resume_as_latest, err, handle_errors, load
+from ftkit.commands.data import app as data_app
+from ftkit.errors import UserError
 from ftkit.starter import starter_stages
+
 
 def _bare_flags() -> None:
     """Typer 0.29 prints `--overwrite <bool>`, which reads as if the flag took a value: show flags bare."""
@@ -40,41 +41,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe field: key.path=value (repeatable)")
-OutputOpt = typer.Option(None, "--output", "-o", help="Run dir (default: output.dir, else runs/<recipe name>)")
-OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing non-empty run dir")
-NoCacheOpt = typer.Option(False, "--no-cache", help="Re-tokenize the data even if a cached copy exists")
-
-
-def handle_errors(fn):
-    """Known errors become one clear message and an exit code; no traceback for bad input."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            err.print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(2) from None
-        except GateFailed as exc:
-            err.print(f"[bold red]gate failed:[/] {exc}")
-            raise typer.Exit(3) from None
-        except VerificationFailed as exc:
-            err.print(f"[bold red]verification failed:[/] {exc}")
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _choices(name: str, values) -> type[enum.Enum]:
-    """A typer choice list from the schema's own values (typer shows and checks Enum members)."""
-    return enum.Enum(name, {v: v for v in values}, type=str)
-
 
 def _version(value: bool):
     if value:
@@ -88,46 +54,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-def _load(recipe: str, overrides: Optional[List[str]], stage: str | None = None):
-    from ftkit.recipe import check_files, load_recipe
-
-    r = load_recipe(recipe, overrides)
-    if stage is not None:
-        explicit = (r._located is not None and ("stage",) in r._located.lines) or ("stage",) in r._origin
-        if explicit and r.stage != stage:
-            raise UserError(f"{r.where('stage')}: the recipe says stage: {r.stage}, but this is `ftkit {stage}`; "
-                            f"run `ftkit {r.stage} {recipe}`")
-        r.stage = stage
-    check_files(r)
-    return r
-
-
-def _train(stage: str, recipe: str, overrides, output, overwrite, **ci_opts):
-    r = _load(recipe, overrides, stage)
-    ci.train(stage, r, output=output, overwrite=overwrite, **ci_opts)
-
-
-def _train_command(stage: str, doc: str):
-    """sft and pt: the same options, each with its own name and help text."""
-
-    def command(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
-                output: Optional[str] = OutputOpt, overwrite: bool = OverwriteOpt,
-                resume: Optional[str] = ci.ResumeOpt, num_processes: int = ci.NumProcessesOpt,
-                as_json: bool = ci.JsonOpt, fail_if: Optional[List[str]] = ci.FailIfOpt,
-                no_cache: bool = NoCacheOpt):
-        _train(stage, recipe, set_, output, overwrite, resume=resume, num_processes=num_processes,
-               as_json=as_json, fail_if=fail_if, no_cache=no_cache)
-
-    command.__name__, command.__qualname__, command.__doc__ = stage, stage, doc
-    app.command(stage)(handle_errors(command))
-
-
-_train_command("sft", "Supervised fine-tuning (chat, instruction or completion data).")
-_train_command("pt", "Continued pretraining on raw text (loss on every token).")
-
-
-app.command("eval")(handle_errors(ci.eval_command))
-app.command("report")(handle_errors(ci.report_command))
+train.register(app)  # sft, pt, rm, dpo, kto, orpo, rl: one command per registered stage
+app.command("eval")(handle_errors(evaluate.eval_command))
+app.command("report")(handle_errors(evaluate.report_command))
 
 
 def _is_pipeline_file(path: str) -> bool:
@@ -156,7 +85,7 @@ def validate(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Option
         return
     from ftkit.data.peek import check_data_heads
 
-    r = _load(recipe, set_)
+    r = load(recipe, set_)
     read = check_data_heads(r)
     if print_:
         print(r.to_yaml(), end="")
@@ -169,13 +98,23 @@ def validate(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Option
 def merge_lora(adapter: str = typer.Argument(..., help="Run dir or adapter dir"),
                output: str = typer.Option(..., "--output", "-o", help="Where to write the merged model"),
                base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the one trained on)"),
-               dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+               dtype: Dtype = typer.Option("auto", "--dtype", help="auto: the base model's own dtype"),
                overwrite: bool = OverwriteOpt):
     """Fold a LoRA adapter into its base (W0 + BA) and verify the result."""
-    from ftkit.merge import merge_lora as run_merge
+    from pathlib import Path
+
+    from ftkit.runmeta import is_reward_adapter
     from ftkit.ui import log
 
-    run_merge(adapter, output, base=base, dtype=dtype, overwrite=overwrite, log=log)
+    if is_reward_adapter(Path(adapter).expanduser()):  # a classifier: merged and verified on its scores
+        from ftkit.reward_model import merge_reward_model
+
+        merge_reward_model(Path(adapter).expanduser(), output, base=base, dtype=dtype.value, overwrite=overwrite,
+                           log=log)
+        return
+    from ftkit.merge import merge_lora as run_merge
+
+    run_merge(adapter, output, base=base, dtype=dtype.value, overwrite=overwrite, log=log)
 
 
 @app.command()
@@ -186,12 +125,11 @@ def generate(model: str = typer.Argument(..., help="Run dir, merged dir, model a
              temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)"),
              system: Optional[str] = typer.Option(None, "--system", help="System message"),
              base: Optional[str] = typer.Option(None, "--base", help="Base model for an adapter dir"),
-             dtype: str = typer.Option("auto", "--dtype", help="auto (picked from the hardware) | float32 | "
-                                       "bfloat16 | float16"),
+             dtype: Dtype = typer.Option("auto", "--dtype", help="auto: picked from the hardware"),
              tools: Optional[str] = typer.Option(None, "--tools", help="JSON file of tool schemas; each reply "
                                                  "prints as an OpenAI-shape message JSON (content, tool_calls)")):
     """Generate a reply with the model's chat template (greedy by default)."""
-    from ftkit.hardware import detect, dtype_option
+    from ftkit.hardware import detect
     from ftkit.inference import generate as gen
     from ftkit.inference import load_for_inference
     from ftkit.toolcalls import load_tools, message
@@ -201,7 +139,7 @@ def generate(model: str = typer.Argument(..., help="Run dir, merged dir, model a
         import torch
 
         torch.manual_seed(0)
-    hw = detect(dtype_option(dtype))
+    hw = detect(dtype.value)
     m, tok = load_for_inference(model, dtype=hw.dtype, base=base, log=lambda s: err.print(s))
     convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
              for p in prompt]
@@ -246,7 +184,7 @@ def env():
 @app.command()
 @handle_errors
 def init(path: str = typer.Argument("recipe.yaml", help="Where to write the recipe"),
-         stage: _choices("Stage", starter_stages()) = typer.Option("sft", "--stage",
+         stage: as_enum("Stage", starter_stages()) = typer.Option("sft", "--stage",
                                                                   help="Training stage the recipe is for"),
          train: Optional[str] = typer.Option(None, "--train", help="Your training data file (default: write "
                                              "a few sample rows beside the recipe, to replace)"),
@@ -256,7 +194,7 @@ def init(path: str = typer.Argument("recipe.yaml", help="Where to write the reci
 
     stage = stage.value
     written = write_starter(path, stage, train, force)
-    _load(path, None)  # a starter that does not validate is a bug: fail here, not at the user's next command
+    load(path, None)  # a starter that does not validate is a bug: fail here, not at the user's next command
     for p in written:
         err.print(f"[green]wrote[/] {p}")
     err.print(f"next: ftkit validate {path} · ftkit {stage} {path}")
@@ -284,19 +222,14 @@ def quickstart(output: str = typer.Option("runs/quickstart", "--output", "-o"),
     qs.run(recipe, output=output, overrides=set_)
 
 
-from ftkit.commands import deploy as _deploy  # noqa: E402
-from ftkit.commands import rlhf as _rlhf  # noqa: E402  (rm, dpo, kto, orpo, rl, score, pipeline)
-from ftkit.commands.bench import bench_command  # noqa: E402
-from ftkit.commands.data import app as data_app  # noqa: E402  (typer sub-app; imports no torch)
-
-app.add_typer(data_app, name="data")
-app.command("bench")(handle_errors(bench_command))
-_deploy.register(app, handle_errors)
-_rlhf.register(app)
+app.add_typer(data_app, name="data")  # a typer sub-app; imports no torch
+app.command("bench")(handle_errors(bench.bench_command))
+deploy.register(app, handle_errors)
+rlhf.register(app)
 
 
 def main():
-    sys.argv[1:] = ci.bare_resume_as_latest(sys.argv[1:])
+    sys.argv[1:] = bare_resume_as_latest(sys.argv[1:])
     app()
 
 

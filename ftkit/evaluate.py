@@ -1,5 +1,5 @@
 """Generation-based checks: prompts with reference answers, scored by exact match, regex, accuracy,
-macro-F1 over a label set, or ROUGE-L."""
+macro-F1 over a label set, or ROUGE-L (METRICS: the names `ftkit eval --metric` and gates use)."""
 
 from __future__ import annotations
 
@@ -87,8 +87,9 @@ def loss_and_perplexity(model, encoded: list[dict], pad_id: int, batch_size: int
 
 def evaluate_rows(model, tok, rows: list[dict], template: str | None, max_length: int = 1024,
                   train_on: str = "responses", batch_size: int = 8, generate: bool = True,
-                  max_new_tokens: int = 64, regex: str | None = None) -> dict:
-    """Every metric the rows allow: loss/perplexity always; exact (and regex) match where rows have references.
+                  max_new_tokens: int = 64, metrics: list[str] = ("exact_match",), regex: str | None = None,
+                  labels: list[str] | None = None) -> dict:
+    """Every metric the rows allow: loss/perplexity always; the reply metrics where rows have references.
 
     rows are canonical rows (ftkit.data.formats); references are the final assistant turns of chat rows.
     """
@@ -99,16 +100,14 @@ def evaluate_rows(model, tok, rows: list[dict], template: str | None, max_length
     out: dict = {"rows": len(rows), **loss_and_perplexity(model, encoded, pad, batch_size)}
     chats = [r for r in rows if "messages" in r and r["messages"][-1]["role"] == "assistant"]
     if generate and chats:
-        from ftkit.inference import generate as gen
-
         prompts, refs = prompts_and_references(chats)
-        preds = gen(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        out["exact_match"] = exact_match(preds, refs)
-        if regex:
-            out["regex_match"] = regex_extract_match(preds, refs, regex)
+        scores, preds = generate_and_score(model, tok, prompts, refs, metrics, labels, max_new_tokens, batch_size,
+                                           pattern=regex)
+        out.update(scores)
         out["samples"] = [{"prompt": p[-1]["content"], "reference": r, "generated": g}
                           for p, r, g in zip(prompts, refs, preds)]
     return out
+
 
 # ---- task metrics. Counting is left to scikit-learn and rouge-score; this module only decides
 # what a prediction means (normalization, which label it names) before handing it over.
@@ -186,32 +185,38 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(references)
 
 
+def _regex(predictions: list[str], references: list[str], labels, pattern: str | None) -> float:
+    # With a pattern, its first match in the reply is compared with its first match in the reference;
+    # without one, each reference is itself the pattern the reply must match.
+    return regex_extract_match(predictions, references, pattern) if pattern else regex_match(predictions, references)
+
+
 METRICS = {
-    "exact_match": lambda p, r, labels: exact_match(p, r),
-    "regex": lambda p, r, labels: regex_match(p, r),
-    "accuracy": lambda p, r, labels: accuracy(p, r, labels),
-    "macro_f1": lambda p, r, labels: macro_f1(p, r, labels),
-    "rouge_l": lambda p, r, labels: rouge_l(p, r),
+    "exact_match": lambda p, r, labels, pattern: exact_match(p, r),
+    "regex": _regex,
+    "accuracy": lambda p, r, labels, pattern: accuracy(p, r, labels),
+    "macro_f1": lambda p, r, labels, pattern: macro_f1(p, r, labels),
+    "rouge_l": lambda p, r, labels, pattern: rouge_l(p, r),
 }
 
 
 def score(predictions: list[str], references: list[str], metrics: list[str] = ("exact_match",),
-          labels: list[str] | None = None) -> dict[str, float]:
-    """{metric: value} for each named metric; for "regex" the references are the patterns."""
+          labels: list[str] | None = None, pattern: str | None = None) -> dict[str, float]:
+    """{metric: value} for each named metric (see _regex for how "regex" reads its references)."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise UserError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
-    return {m: METRICS[m](predictions, references, labels) for m in metrics}
+    return {m: METRICS[m](predictions, references, labels, pattern) for m in dict.fromkeys(metrics)}
 
 
 def generate_and_score(model, tok, prompts: list, references: list[str], metrics: list[str] = ("exact_match",),
                        labels: list[str] | None = None, max_new_tokens: int = 64,
-                       batch_size: int = 8) -> tuple[dict[str, float], list[str]]:
+                       batch_size: int = 8, pattern: str | None = None) -> tuple[dict[str, float], list[str]]:
     """Greedy, batched generation (ftkit.inference.generate, as `ftkit generate` does), then score()."""
     from ftkit.inference import generate
 
     predictions = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return score(predictions, references, metrics, labels), predictions
+    return score(predictions, references, metrics, labels, pattern), predictions
 
 
 def _same_length(predictions, references) -> None:

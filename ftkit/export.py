@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ftkit.atomic import publish, staged_dir
 from ftkit.errors import UserError, VerificationFailed
-from ftkit.inference import is_adapter_dir
+from ftkit.runmeta import is_adapter_dir
 from ftkit.merge import PROBES
 from ftkit.models import load_tokenizer, resolve_model
 

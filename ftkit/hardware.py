@@ -52,16 +52,3 @@ def detect(requested_dtype: str = "auto", threads: int | None = None) -> Hardwar
     if requested_dtype != "auto":
         dtype, why = requested_dtype, "set in the recipe"
     return Hardware(device, name, dtype, why, threads or cores, ngpu)
-
-
-def dtype_option(value: str) -> str:
-    """A command's --dtype, checked against the recipe schema's model.dtype choices."""
-    from typing import get_args
-
-    from ftkit.errors import UserError
-    from ftkit.recipe import ModelSection
-
-    choices = get_args(ModelSection.model_fields["dtype"].annotation)
-    if value not in choices:
-        raise UserError(f"--dtype: must be one of {', '.join(choices)} (got {value!r})")
-    return value

@@ -2,48 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import yaml
 
 from ftkit.errors import UserError
 from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
-
-
-def adapter_base_name(adapter_dir: Path) -> str:
-    """The base an adapter was trained on: the run's recipe (keeps aliases/gguf), else the adapter config."""
-    recipe = adapter_dir / "recipe.yaml"
-    if recipe.is_file():
-        data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
-        name = (data.get("model") or {}).get("name")
-        if name:
-            if is_adapter_dir(Path(name).expanduser()):
-                # Trained on top of another run (e.g. DPO after SFT), whose adapter was folded into this one.
-                return adapter_base_name(Path(name).expanduser())
-            return name
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    name = cfg.get("base_model_name_or_path")
-    if not name:
-        raise UserError(f"{adapter_dir}: the adapter does not name its base model; pass --base")
-    return name
-
-
-def run_trust_remote_code(run_dir: Path) -> bool:
-    recipe = run_dir / "recipe.yaml"
-    if recipe.is_file():
-        data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
-        return bool((data.get("model") or {}).get("trust_remote_code", False))
-    return False
+from ftkit.runmeta import (adapter_base_name, is_adapter_dir, is_reward_adapter, run_bits, run_method,
+                           run_trust_remote_code)
 
 
 def _quantized_like_training(run_dir: Path, dtype: str) -> dict:
     """A QLoRA adapter learned to correct the quantized base, so it is served on that same base."""
-    from ftkit.methods import quantization_kwargs, run_bits, run_method
+    from ftkit.methods import quantization_kwargs
 
     if run_method(run_dir) != "qlora":
         return {}
@@ -58,7 +27,7 @@ def load_for_inference(target: str, dtype: str = "float32", base: str | None = N
     if path.is_dir() and is_adapter_dir(path):
         from peft import PeftModel
 
-        if json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("task_type") == "SEQ_CLS":
+        if is_reward_adapter(path):
             raise UserError(f"{target}: a reward model scores text, it does not generate; use ftkit score {target}")
         trust = run_trust_remote_code(path)
         base_dir = resolve_model(base or adapter_base_name(path), log=log)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from ftkit.atomic import publish, staged_dir
 from ftkit.errors import UserError, VerificationFailed
-from ftkit.inference import adapter_base_name, is_adapter_dir, run_trust_remote_code
-from ftkit.methods import hold_4bit_compute_dtype, quantization_kwargs, run_bits, run_method
+from ftkit.methods import hold_4bit_compute_dtype, quantization_kwargs
 from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
+from ftkit.runmeta import adapter_base_name, is_adapter_dir, run_bits, run_method, run_trust_remote_code
 
 # Max |logit difference| accepted per dtype: merging reorders float ops, so exact equality
 # only holds in exact arithmetic; lower precisions round more.
@@ -142,10 +142,9 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
         )
     if peft_type not in ("LORA", None):
         raise UserError(f"{adapter}: merge-lora merges LoRA adapters; this one is {peft_type}")
-    if peft_cfg.get("task_type") == "SEQ_CLS":  # a reward model: merged and verified on its scores
-        from ftkit.stages.rm import merge_reward_model
-
-        return merge_reward_model(src, output, base=base, dtype=dtype, overwrite=overwrite, log=log)
+    if peft_cfg.get("task_type") == "SEQ_CLS":
+        raise UserError(f"{adapter}: a reward model (a classifier, not a causal LM); merge it with "
+                        f"`ftkit merge-lora {adapter} -o MERGED`, which verifies it on scores")
     out, base_name, base_dir, dtype, trust, tok = merge_inputs(src, output, base, dtype, overwrite, log)
     if method == "qlora":
         bits = run_bits(src)

@@ -409,24 +409,6 @@ def save_trained(model, out_dir, trainer=None) -> None:
         model.save_pretrained(out, safe_serialization=True)
 
 
-def run_method(run_dir: Path) -> str | None:
-    """method.type a run dir was trained with (from its recipe.yaml), if known."""
-    import yaml
-
-    recipe = Path(run_dir) / "recipe.yaml"
-    if not recipe.is_file():
-        return None
-    data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
-    return (data.get("method") or {}).get("type")
-
-
-def run_bits(run_dir: Path) -> int:
-    import yaml
-
-    data = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text(encoding="utf-8")) or {}
-    return int((data.get("method") or {}).get("bits", 4))
-
-
 def _version(pkg: str) -> str:
     import importlib.metadata as md
 

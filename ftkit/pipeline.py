@@ -25,43 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from ftkit import safe_yaml
-from ftkit.errors import GateFailed, UserError, VerificationFailed
-from ftkit.recipe import STAGES, Recipe, _format_errors, _Located, check_files, resolve_path
-from ftkit.ui import console, log
+from ftkit.errors import FtkitError, UserError, exit_code_of
+from ftkit.recipe import (STAGES, Recipe, _Located, apply_sets, check_files, load_recipe, parse_set, read_yaml,
+                          resolve_path)
+from ftkit.stages.registry import get
+from ftkit.ui import console, err, log
 
 REF = re.compile(r"\$\{([^}]*)\}")
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-
-
-def _run_sft(recipe, output=None, overwrite=False):
-    from ftkit.stages import sft
-
-    return sft.run(recipe, output=output, overwrite=overwrite)
-
-
-def _run_rm(recipe, output=None, overwrite=False):
-    from ftkit.stages import rm
-
-    return rm.run(recipe, output=output, overwrite=overwrite)
-
-
-def _run_offline(recipe, output=None, overwrite=False):
-    from ftkit.stages import preference
-
-    return preference.run(recipe, output=output, overwrite=overwrite)
-
-
-def _run_rl(recipe, output=None, overwrite=False):
-    from ftkit.stages import rl
-
-    return rl.run(recipe, output=output, overwrite=overwrite)
-
-
-STAGE_RUNNERS = {"sft": _run_sft, "pt": _run_sft, "rm": _run_rm, "dpo": _run_offline, "kto": _run_offline,
-                 "orpo": _run_offline, "rl": _run_rl}
 
 
 class _SubLocated:
@@ -107,47 +78,16 @@ def _substitute(value: Any, outputs: dict[str, str], later: set[str], where: str
     return REF.sub(one, value)
 
 
-def _load_yaml(path: Path) -> tuple[Any, _Located]:
-    text = safe_yaml.read_text(path)
-    return safe_yaml.load(text, str(path)), _Located(text)  # bounded first: _Located walks the same tree
-
-
 def _set_items(spec: dict, at: tuple, located: _Located, src: str) -> list[tuple[list[str], Any, str]]:
+    """A stage's `set:` (a mapping of key.path: value, or a list of key.path=value as on the command line)."""
     items = spec.get("set") or {}
-    place = f"{src}:{located.line_of(at + ('set',))}"
-    if isinstance(items, list):  # ["key.path=value", ...] as on the command line
-        out = []
-        for i, item in enumerate(items):
-            if not isinstance(item, str) or "=" not in item:
-                raise UserError(f"{src}:{located.line_of(at + ('set', i))}: set: expected key.path=value, got {item!r}")
-            key, raw = item.split("=", 1)
-            out.append((key.strip().split("."), safe_yaml.load_value(raw, f"{src}: set {item!r}"),
-                        f"{src}:{located.line_of(at + ('set', i))}"))
-        return out
+    if isinstance(items, list):
+        return [(*parse_set(item, f"{src}:{located.line_of(at + ('set', i))}: set:"), 
+                 f"{src}:{located.line_of(at + ('set', i))}") for i, item in enumerate(items)]
     if not isinstance(items, dict):
-        raise UserError(f"{place}: set: a mapping of key.path: value (or a list of key.path=value)")
+        raise UserError(f"{src}:{located.line_of(at + ('set',))}: set: a mapping of key.path: value "
+                        "(or a list of key.path=value)")
     return [(str(k).split("."), v, f"{src}:{located.line_of(at + ('set', k))}") for k, v in items.items()]
-
-
-def _apply(data: dict, keys: list[str], value: Any, place: str) -> None:
-    node = data
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise UserError(f"{place}: set: {'.'.join(keys)}: {k!r} is not a section")
-        node = nxt
-    node[keys[-1]] = value
-
-
-def _build_recipe(data: dict, located, source: str, origin: dict) -> Recipe:
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as err:
-        raise UserError(_format_errors(err, source, located, origin)) from None
-    recipe._source = source
-    recipe._located = located
-    recipe._origin = origin
-    return recipe
 
 
 def load_pipeline(file: str) -> tuple[list[Stage], Path]:
@@ -156,7 +96,7 @@ def load_pipeline(file: str) -> tuple[list[Stage], Path]:
     if not path.is_file():
         raise UserError(f"pipeline file not found: {file}")
     src = str(path)
-    doc, located = _load_yaml(path)
+    doc, located = read_yaml(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("stages"), dict) or not doc["stages"]:
         raise UserError(f"{src}:1: a pipeline has `stages:`, a mapping of stage name -> {{recipe, set}}")
     unknown = set(doc) - {"stages", "output"}
@@ -186,7 +126,7 @@ def load_pipeline(file: str) -> tuple[list[Stage], Path]:
             rpath = resolve_path(_substitute(raw, outputs, later, where), src)
             if not rpath.is_file():
                 raise UserError(f"{src}:{located.line_of(at + ('recipe',))}: stage {name}: recipe not found: {raw}")
-            data, rlocated = _load_yaml(rpath)
+            data, rlocated = read_yaml(rpath)
             rsrc = str(rpath)
         elif isinstance(raw, dict):
             data, rlocated, rsrc = raw, _SubLocated(located, at + ("recipe",)), src
@@ -196,11 +136,8 @@ def load_pipeline(file: str) -> tuple[list[Stage], Path]:
         data = _substitute(data or {}, outputs, later, f"{rsrc}" if isinstance(raw, str) else where)
         if not isinstance(data, dict):
             raise UserError(f"{rsrc}:1: a recipe is a mapping of sections")
-        origin: dict = {}
-        for keys, value, place in _set_items(spec, at, located, src):
-            value = _substitute(value, outputs, later, place)
-            _apply(data, keys, value, place)
-            origin[tuple(keys)] = place
+        origin = apply_sets(data, [(keys, _substitute(value, outputs, later, place), place)
+                                   for keys, value, place in _set_items(spec, at, located, src)])
         if "stage" not in data:
             if name not in STAGES:
                 raise UserError(f"{where}: stage {name}: its recipe has no `stage:` and {name!r} is not a stage "
@@ -208,7 +145,7 @@ def load_pipeline(file: str) -> tuple[list[Stage], Path]:
             data["stage"] = name
         out = (data.get("output") or {}).get("dir") or str(root / name)
         data.setdefault("output", {})["dir"] = out
-        recipe = _build_recipe(data, rlocated, rsrc, origin)
+        recipe = load_recipe(rsrc, data=data, located=rlocated, origin=origin)
         if out in outputs.values():
             other = next(k for k, v in outputs.items() if v == out)
             raise UserError(f"{where}: stage {name}: writes to {out}, as stage {other} does")
@@ -224,7 +161,7 @@ def load_pipeline(file: str) -> tuple[list[Stage], Path]:
 
 
 def _check(recipe: Recipe, produced: set[str]) -> None:
-    from ftkit.stages.preference import PREFERENCE_STAGES, check_stage
+    from ftkit.stages.lifecycle import check
 
     name = recipe.model.name
     if name in produced:
@@ -236,8 +173,8 @@ def _check(recipe: Recipe, produced: set[str]) -> None:
             recipe.model.name = name
     else:
         check_files(recipe)
-    if recipe.stage in PREFERENCE_STAGES:
-        check_stage(recipe, produced)
+    if get(recipe.stage).preference:
+        check(recipe, frozenset(produced))
 
 
 def finished(stage: Stage) -> bool:
@@ -247,22 +184,12 @@ def finished(stage: Stage) -> bool:
         recipe_file.read_text(encoding="utf-8") == stage.recipe.to_yaml()
 
 
-HEADLINE = {
-    "sft": [("last_loss", "loss")], "pt": [("last_loss", "loss")],
-    "rm": [("pairwise_accuracy_before", "acc before"), ("pairwise_accuracy_after", "acc after"),
-           ("mean_margin_after", "margin")],
-    "dpo": [("train_reward_accuracy_last", "train acc")], "kto": [("train_reward_margin_last", "train margin")],
-    "orpo": [("train_reward_accuracy_last", "train acc")],
-    "rl": [("reward_mean_first_quarter", "reward first ¼"), ("reward_mean_last_quarter", "reward last ¼")],
-}
-
-
 def _headline(stage: Stage) -> str:
     f = Path(stage.output) / "metrics.json"
     if not f.is_file():
         return ""
     m = json.loads(f.read_text(encoding="utf-8"))
-    parts = [f"{label} {m[k]:.4g}" for k, label in HEADLINE.get(stage.recipe.stage, []) if isinstance(m.get(k), float)]
+    parts = [f"{label} {m[k]:.4g}" for k, label in get(stage.recipe.stage).headline if isinstance(m.get(k), float)]
     return " · ".join(parts)
 
 
@@ -280,21 +207,20 @@ def run_pipeline(file: str, force: bool = False, dry_run: bool = False) -> int:
     summary = []
     for i, st in enumerate(stages, 1):
         console.rule(f"[bold]{i}/{len(stages)} {st.name} ({st.recipe.stage})")
-        if not ran_one and finished(st):
+        skip = not ran_one and finished(st)
+        if skip:
             log(f"skipped: {st.output} already holds a finished run of this recipe")
-            summary.append({"stage": st.name, "status": "skipped", "output": st.output})
-            continue
-        if Path(st.output).exists():
+        elif Path(st.output).exists():
             log(f"re-running: {st.output} is unfinished, from a different recipe, or an earlier stage re-ran")
-        ran_one = True
-        code = _run_stage(st)
+        ran_one = ran_one or not skip
+        code = _run_stage(st, run=not skip)  # a skipped stage's gates are checked again: it may have failed them
         if code:
             summary.append({"stage": st.name, "status": f"failed (exit {code})", "output": st.output})
             _write_summary(root, summary)
             log(f"[bold red]pipeline stopped:[/] stage {st.name} failed with exit code {code}; fix it and run "
                 f"`ftkit pipeline {file}` again to continue from this stage")
             return code
-        summary.append({"stage": st.name, "status": "ran", "output": st.output})
+        summary.append({"stage": st.name, "status": "skipped" if skip else "ran", "output": st.output})
     _write_summary(root, summary)
     console.rule("[bold]pipeline done")
     for st, row in zip(stages, summary):
@@ -302,21 +228,23 @@ def run_pipeline(file: str, force: bool = False, dry_run: bool = False) -> int:
     return 0
 
 
-def _run_stage(st: Stage) -> int:
-    from ftkit.cli import err
+def _run_stage(st: Stage, run: bool) -> int:
+    """Run one stage (or not, when it finished before), then its gates; returns its exit code."""
+    from ftkit.gates import check
+    from ftkit.stages.lifecycle import run as run_stage
 
     try:
-        STAGE_RUNNERS[st.recipe.stage](st.recipe, output=st.output, overwrite=True)
+        if run:
+            run_stage(st.recipe, output=st.output, overwrite=True)
+        gates = [g.fail_if for g in st.recipe.gates]
+        if gates:
+            metrics = json.loads((Path(st.output) / "metrics.json").read_text(encoding="utf-8"))
+            for r in check(metrics, gates):
+                log(f"[green]gate passed:[/] stage {st.name}: {r['metric']} = {r['value']:.6g} (fails if {r['gate']})")
         return 0
-    except UserError as exc:
-        err.print(f"[bold red]error:[/] stage {st.name}: {exc}")
-        return UserError.exit_code
-    except GateFailed as exc:
-        err.print(f"[bold red]gate failed:[/] stage {st.name}: {exc}")
-        return GateFailed.exit_code
-    except VerificationFailed as exc:
-        err.print(f"[bold red]verification failed:[/] stage {st.name}: {exc}")
-        return VerificationFailed.exit_code
+    except FtkitError as exc:
+        err.print(f"[bold red]{exc.label}:[/] stage {st.name}: {exc}")
+        return exit_code_of(exc)
     except KeyboardInterrupt:
         raise
     except Exception:  # a crash inside a stage: show it, stop the pipeline with exit 1

@@ -16,9 +16,11 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, Va
                       model_validator)
 
 from ftkit import knob_rules, peers, safe_yaml
+from ftkit.choices import DATA_FORMATS, DTYPES
 from ftkit.errors import UserError
+from ftkit.stages.registry import STAGE_NAMES, STAGES as _SPECS
 
-STAGES = ("sft", "pt", "rm", "dpo", "kto", "orpo", "rl")
+STAGES = STAGE_NAMES  # one entry per stage in ftkit/stages/registry.py
 
 
 class _Strict(BaseModel):
@@ -31,7 +33,7 @@ class ModelSection(_Strict):
         "smollm2-135m-instruct",
         description="built-in alias, hub id, local HF dir, or path to a .gguf file",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Literal[DTYPES] = Field(  # type: ignore[valid-type]
         "auto", description="auto picks from the hardware: fp32 on CPUs without bf16, bf16/fp16 on GPUs"
     )
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
@@ -129,8 +131,7 @@ class DataSection(_Strict):
                           "id (org/name, org/name:split); several sources are mixed"
     )
     eval: Union[str, list[str], None] = Field(None, description="held-out source(s); else eval_split of train")
-    format: Literal["auto", "messages", "alpaca", "sharegpt", "completion", "text",
-                    "preference", "unpaired", "prompt"] = Field(
+    format: Literal[DATA_FORMATS] = Field(  # type: ignore[valid-type]
         "auto", description="row format; auto detects from the columns (rm/dpo/orpo: preference, kto: unpaired, "
         "rl: prompt)"
     )
@@ -174,24 +175,25 @@ class DataSection(_Strict):
 
 
 class TrainSection(_Strict):
-    epochs: float = Field(3.0, gt=0)
+    epochs: float = Field(3.0, gt=0, description="passes over the training data (fractions allowed)")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps (overrides epochs)")
-    learning_rate: float = Field(2.0e-4, gt=0)
+    learning_rate: float = Field(2.0e-4, gt=0, description="peak learning rate (after warmup)")
     batch_size: Union[Literal["auto"], PositiveInt] = Field(
         4, description="per-device batch size; auto (sft/pt): on a GPU start at 64k tokens (rows of max_length, or "
         "padding-free: of the mean sample length) and shrink by 10% on each "
         "out-of-memory, on a CPU 4")
     grad_accum: int = Field(1, gt=0, description="gradient accumulation steps")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the steps spent ramping the learning rate up from 0")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay of the optimizer")
+    max_grad_norm: float = Field(1.0, gt=0, description="clip the gradient norm to this")
     optim: str = Field("adamw_torch", description="transformers optimizer name")
-    seed: int = 42
-    logging_steps: int = Field(1, gt=0)
+    seed: int = Field(42, description="seed for adapter init, data order, eval split and dropout")
+    logging_steps: int = Field(1, gt=0, description="log loss and learning rate every N steps (metrics.jsonl)")
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (default: at the end)")
     activation_checkpointing: Union[Literal["auto"], bool] = Field(
-        "auto", description="trade compute for memory; auto: off on CPU, off on GPU unless asked"
+        "auto", description="recompute activations in the backward pass (~30% more compute, far less memory); "
+        "auto: on a CUDA GPU when the estimated activations would not fit in half the free memory, else off"
     )
     liger: Union[Literal["auto"], bool] = Field(
         "auto", description="Liger fused kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy), sft/pt; "
@@ -356,36 +358,39 @@ class RLSection(_Strict):
 
 class Recipe(_Strict):
     stage: Literal[STAGES] = Field("sft", description="training stage")  # type: ignore[valid-type]
-    model: ModelSection = Field(default_factory=ModelSection)
-    method: MethodSection = Field(default_factory=MethodSection)
-    data: DataSection = Field(default_factory=DataSection)
-    train: TrainSection = Field(default_factory=TrainSection)
-    output: OutputSection = Field(default_factory=OutputSection)
+    model: ModelSection = Field(default_factory=ModelSection, description="the base model to train")
+    method: MethodSection = Field(default_factory=MethodSection, description="how it is trained (PEFT method)")
+    data: DataSection = Field(default_factory=DataSection, description="training and eval data")
+    train: TrainSection = Field(default_factory=TrainSection, description="optimization and checkpoints")
+    output: OutputSection = Field(default_factory=OutputSection, description="where the run dir goes")
     gates: list[Gate] = Field(default_factory=list, description="quality gates checked on metrics.json after training")
     distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="multi-process strategy for --num-processes N / accelerate launch (ddp: plain data parallel)"
     )
-    preference: PreferenceSection = Field(default_factory=PreferenceSection)
-    rl: RLSection = Field(default_factory=RLSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection,
+                                          description="rm, dpo, kto, orpo settings")
+    rl: RLSection = Field(default_factory=RLSection, description="rl stage settings (rewards, sampling)")
 
     _source: str | None = PrivateAttr(None)
     _located: Any = PrivateAttr(None)
 
+    _origin: dict = PrivateAttr(default_factory=dict)
+
     @model_validator(mode="after")
     def _speed_levers_for_sft(self) -> Recipe:
-        if self.stage not in ("sft", "pt"):
+        if not _SPECS[self.stage].speed_levers:
             t = self.train
+            where = " and ".join(s.name for s in _SPECS.values() if s.speed_levers)
             for name, bad in (("batch_size", t.batch_size == "auto"), ("liger", t.liger is True),
                               ("compile", t.compile), ("padding_free", t.padding_free is True),
                               ("low_memory", t.low_memory)):
                 if bad:
-                    raise ValueError(f"train.{name}: {getattr(t, name)} applies to the sft and pt stages, "
+                    raise ValueError(f"train.{name}: {getattr(t, name)} applies to the {where} stages, "
                                      f"not {self.stage}")
         if self.train.low_memory and self.train.activation_checkpointing is False:
             raise ValueError("train.low_memory: true turns activation checkpointing on; "
                              "drop train.activation_checkpointing: false")
         return self
-    _origin: dict = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _knobs_fit_stage(self) -> Recipe:
@@ -439,33 +444,45 @@ class _Located:
         return self.lines.get(())
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise UserError(f"--set {item!r}: expected key.path=value, e.g. --set train.epochs=1")
+def parse_set(item: str, where: str = "--set") -> tuple[list[str], Any]:
+    """'key.path=value' -> (['key', 'path'], value parsed as YAML); the one parser of --set items
+    (the command line, and a pipeline stage's `set:` list)."""
+    if not isinstance(item, str) or "=" not in item:
+        raise UserError(f"{where} {item!r}: expected key.path=value, e.g. --set train.epochs=1")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise UserError(f"--set {item!r}: empty key path")
-    value = safe_yaml.load_value(raw, f"--set {item!r}")
+        raise UserError(f"{where} {item!r}: empty key path")
+    value = safe_yaml.load_value(raw, f"{where} {item!r}")
     return key.split("."), value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict[tuple, str]:
-    """Apply --set items in place; returns path -> the --set text, for error messages."""
+def apply_sets(data: dict, items: list[tuple[list[str], Any, str]]) -> dict[tuple, str]:
+    """Set each (key path, value, where it was said) in place; returns path -> where, for error messages."""
     origin: dict[tuple, str] = {}
-    for item in overrides or []:
-        keys, value = _parse_override(item)
+    for keys, value, place in items:
         node = data
         for k in keys[:-1]:
             nxt = node.get(k)
             if nxt is None:
                 nxt = node[k] = {}
             if not isinstance(nxt, dict):
-                raise UserError(f"--set {item!r}: {k!r} is not a section")
+                raise UserError(f"{place}: {'.'.join(keys)}: {k!r} is not a section")
             node = nxt
         node[keys[-1]] = value
-        origin[tuple(keys)] = f"--set {item}"
+        origin[tuple(keys)] = place
     return origin
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict[tuple, str]:
+    """Apply --set items in place; returns path -> the --set text, for error messages."""
+    return apply_sets(data, [(*parse_set(item), f"--set {item}") for item in overrides or []])
+
+
+def read_yaml(path: Path) -> tuple[Any, _Located]:
+    """A YAML file (bounded: aliases, depth, keys) and where its keys sit; bad YAML is a UserError at file:line."""
+    text = safe_yaml.read_text(path, str(path))
+    return safe_yaml.load(text, str(path)), _Located(text)  # bounded first: _Located walks the same tree
 
 
 def _fields_at(loc: tuple) -> list[str]:
@@ -615,24 +632,21 @@ def _format_errors(err: ValidationError, where: str, located: _Located | None, o
     return "\n".join(out)
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe. Raises UserError with file:line on bad input."""
-    data: Any = {}
-    located = None
-    where = "recipe"
-    if path is not None:
-        p = Path(path)
-        where = str(path)
-        if not p.is_file():
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, data: dict | None = None,
+                located: Any = None, origin: dict | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises UserError with file:line on bad input.
+
+    `data` (with `located` and `origin`): a recipe already read, e.g. one stage of a pipeline file;
+    `path` then only names where it came from."""
+    where = str(path) if path is not None else "recipe"
+    if data is None and path is not None:
+        if not Path(path).is_file():
             raise UserError(f"recipe not found: {path}")
-        text = safe_yaml.read_text(p, where)
-        data = safe_yaml.load(text, where)  # bounded first (aliases, depth, keys): _Located walks the same tree
-        located = _Located(text)
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise UserError(f"{where}:1: a recipe is a mapping of sections (stage, model, method, data, train, output)")
-    origin = apply_overrides(data, overrides or [])
+        data, located = read_yaml(Path(path))
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise UserError(f"{where}:1: a recipe is a mapping of sections (stage, model, method, data, train, output)")
+    origin = {**(origin or {}), **apply_overrides(data, overrides or [])}
     _retype_method(data, origin, where)
     try:
         recipe = Recipe.model_validate(data)

@@ -24,8 +24,12 @@ def checkpoint_step(path: Path) -> int:
 
 def is_complete(ckpt: Path) -> bool:
     # The Trainer writes trainer_state.json after the weights, optimizer and RNG states, so a
-    # checkpoint cut short by SIGKILL lacks it and must not be resumed from.
-    return (ckpt / "trainer_state.json").is_file()
+    # checkpoint cut short by SIGKILL lacks it, or holds a half-written one, and must not be resumed from.
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -53,7 +57,7 @@ def resolve_resume(resume: str | None, work: Path) -> Path | None:
         raise UserError(f"--resume {resume}: no such checkpoint directory")
     if checkpoint_step(path) >= 0:
         if not is_complete(path):
-            raise UserError(f"--resume {resume}: incomplete checkpoint (no trainer_state.json); "
+            raise UserError(f"--resume {resume}: incomplete checkpoint (no complete trainer_state.json); "
                             f"it was probably cut short, pick an older one")
         return path
     ckpt = latest_checkpoint(path)

@@ -23,6 +23,14 @@ from ftkit.locks import lock_output, release_output
 from ftkit.ui import is_main_process, log
 
 
+def default_output_dir(recipe) -> str:
+    """output.dir, else runs/<recipe file name>."""
+    if recipe.output.dir:
+        return recipe.output.dir
+    stem = Path(recipe._source).stem if recipe._source else recipe.stage
+    return str(Path("runs") / stem)
+
+
 def _no_barrier() -> None:
     pass
 

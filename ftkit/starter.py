@@ -101,7 +101,7 @@ def write_starter(path: str, stage: str, train: str | None, force: bool) -> list
 
 
 def starter_stages() -> list[str]:
-    """The stages a starter can be written for: every stage of the schema with sample rows."""
-    from ftkit.recipe import STAGES
+    """The stages a starter can be written for: every registered stage with sample rows."""
+    from ftkit.stages.registry import STAGES
 
     return [s for s in STAGES if s in _SAMPLES]

@@ -31,3 +31,6 @@ def quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # error messages, on every rank

@@ -43,14 +43,14 @@ def test_grpo_variants_and_builtin_rewards(tiny_model, tmp_path, captured, loss_
 
 
 def test_accuracy_reward_needs_the_answer_column(tiny_model, tmp_path):
-    from ftkit.stages.preference import check_stage
+    from ftkit.stages.lifecycle import check
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Review {it}."} for it in ITEMS])
     path = stage_recipe(tmp_path, "rl", tiny_model, prompts,
                         rl={"num_generations": 2, "rewards": [{"type": "accuracy"}]})
     with pytest.raises(UserError, match=r"rl.yaml:\d+: rl.rewards\[0\]: an accuracy reward compares each reply "
                                         r"with the prompt file's 'solution' column; 8 of 8 rows have none"):
-        check_stage(load_recipe(path))
+        check(load_recipe(path))
 
 
 def test_dpo_precomputes_reference_log_probs(tiny_model, tmp_path, captured):

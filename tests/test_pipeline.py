@@ -132,3 +132,20 @@ def test_skips_finished_stages_and_stops_at_the_first_failure(tmp_path, tiny_mod
     from ftkit.pipeline import finished
 
     assert [finished(s) for s in stages_loaded] == [True, False, True, True]
+
+
+def test_a_failed_rm_gate_stops_the_pipeline_with_exit_3(tmp_path, tiny_model):
+    pref = write_jsonl(tmp_path / "pairs.jsonl", pairs(8))
+    rm = rm_stage(tiny_model, pref)
+    rm["recipe"]["gates"] = [{"fail_if": "steps < 100"}]
+    dpo = {"recipe": {"stage": "dpo", "model": {"name": str(tiny_model)}, "method": LORA,
+                      "data": {"train": str(pref), "max_length": 48}, "train": TRAIN}}
+    path = write_pipeline(tmp_path, {"rm": rm, "dpo": dpo})
+    runs = tmp_path / "runs"
+    res = ftkit("pipeline", str(path))
+    assert res.returncode == 3, res.stderr
+    assert "gate failed" in res.stderr and "stage rm" in res.stderr and "steps < 100" in res.stderr
+    assert (runs / "rm" / "metrics.json").is_file() and not (runs / "dpo").exists()
+    assert [s["status"] for s in json.loads((runs / "pipeline.json").read_text())] == ["failed (exit 3)"]
+    # A rerun skips the finished rm run but checks its gate again: still stopped before dpo.
+    assert run_pipeline(str(path)) == 3 and not (runs / "dpo").exists()

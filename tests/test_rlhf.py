@@ -52,10 +52,9 @@ def stage_recipe(tmp_path: Path, stage: str, model, data_file: Path, **sections)
 
 
 def run_stage(path: Path) -> Path:
-    from ftkit.pipeline import STAGE_RUNNERS
+    from ftkit.stages.lifecycle import run
 
-    recipe = load_recipe(path)
-    return STAGE_RUNNERS[recipe.stage](recipe)
+    return run(load_recipe(path))
 
 
 def metrics(run: Path) -> dict:
@@ -93,7 +92,7 @@ def test_rm_reports_pairwise_accuracy_before_and_after(rm_run):
 def test_score_cli_and_merged_reward_model_agree(rm_run, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from ftkit.stages.rm import load_reward_model, score
+    from ftkit.reward_model import load_reward_model, score
 
     # float32 on every CPU: the comparison below is to 1e-3, finer than bf16's rounding of a score.
     res = ftkit("score", str(rm_run), "--prompt", "Review the lamp.", "-r", "It is great.", "-r", "It is awful.",

@@ -108,7 +108,7 @@ def test_generate_is_deterministic_and_uses_run_template(sft_run):
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout
     bad = ftkit("generate", str(run), "--prompt", "hi", "--dtype", "fp8")
-    assert bad.returncode == 2 and "--dtype: must be one of auto, float32, bfloat16, float16" in bad.stderr
+    assert bad.returncode == 2 and "'fp8' is not one of 'auto', 'float32', 'bfloat16', 'float16'" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 
+from ftkit.commands.common import SetOpt
 from ftkit.errors import UserError
 
 
@@ -37,28 +38,24 @@ def project(metrics: dict, history: list[dict], recipe) -> dict:
 
 
 def bench_command(recipe: str = typer.Argument(..., help="Recipe YAML (sft or pt)"),
-                  set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a recipe field"),
+                  set_: Optional[List[str]] = SetOpt,
                   steps: int = typer.Option(5, "--steps", min=2, help="Training steps to time"),
                   as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line")):
     """Time a few training steps: tokens/s, peak memory, projected time for the whole run."""
-    from ftkit.cli import _load
-    from ftkit.stages import sft
-    from ftkit.stages.common import default_output_dir
+    from ftkit.commands.common import load, quiet_stdout
+    from ftkit.rundir import default_output_dir
+    from ftkit.stages.lifecycle import run
     from ftkit.ui import console, log
 
-    r = _load(recipe, set_)
+    r = load(recipe, set_)
     if r.stage not in ("sft", "pt"):
         raise UserError(f"{r.where('stage')}: bench times sft and pt recipes, not {r.stage}")
     wanted_steps, r.train.max_steps = r.train.max_steps, steps
     r.data.eval, r.data.eval_split = None, 0.0  # evaluation is not what is being timed
     if as_json:
-        import sys
-
-        from ftkit import ui
-
-        ui.console.file = sys.stderr
+        quiet_stdout()
     with tempfile.TemporaryDirectory(prefix="ftkit-bench-") as tmp:
-        run_dir = sft.run(r, output=str(Path(tmp) / "run"), overwrite=True)
+        run_dir = run(r, output=str(Path(tmp) / "run"), overwrite=True)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     r.train.max_steps = wanted_steps

@@ -5,7 +5,6 @@ No torch here: check and preview load only the tokenizer (transformers), never a
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -16,28 +15,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ftkit.choices import CHAT_FORMATS, as_enum
+from ftkit.commands.common import SetOpt, handle_errors, load
+
+ConvertTo = as_enum("ConvertTo", CHAT_FORMATS)
+ConvertFrom = as_enum("ConvertFrom", ("auto", *CHAT_FORMATS))
+
 app = typer.Typer(help="Check, preview and convert training data.", no_args_is_help=True)
 out = Console(highlight=False, soft_wrap=True)
-
-SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe field: key.path=value (repeatable)")
-
-
-def _errors(fn):
-    """The CLI's error mapping (bad data -> one message, exit 2), looked up late to keep imports one-way."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from ftkit.cli import handle_errors
-
-        return handle_errors(fn)(*args, **kwargs)
-
-    return wrapper
-
-
-def _recipe(recipe: str, overrides):
-    from ftkit.cli import _load
-
-    return _load(recipe, overrides)
 
 
 def _tokenizer(r, log):
@@ -54,13 +39,13 @@ def _log(msg: str) -> None:
 
 
 @app.command()
-@_errors
+@handle_errors
 def check(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[List[str]] = SetOpt,
           no_cache: bool = typer.Option(False, "--no-cache", help="Re-tokenize even if a cached copy exists")):
     """Load, convert and tokenize all data; report rows, drops, truncation and token lengths."""
     from ftkit.data import load_canonical, prepare
 
-    r = _recipe(recipe, set_)
+    r = load(recipe, set_)
     canon = load_canonical(r)  # bad rows fail here, before any tokenizer or model is loaded
     tok = _tokenizer(r, _log)
     data = prepare(r, tok, log=_log, cache=not no_cache, canonical=canon)
@@ -108,7 +93,7 @@ def _chat_lines(canon, data) -> None:
 
 
 @app.command()
-@_errors
+@handle_errors
 def preview(recipe: str = typer.Argument(..., help="Recipe YAML"), n: int = typer.Option(3, "-n", min=1),
             set_: Optional[List[str]] = SetOpt,
             tokens: bool = typer.Option(False, "--tokens", help="Also list every token with its label")):
@@ -118,7 +103,7 @@ def preview(recipe: str = typer.Argument(..., help="Recipe YAML"), n: int = type
     from ftkit.data.templates import require_tool_template, resolve_template
     from ftkit.data.tokenize import IGNORE, TokenStats, encode_rows
 
-    r = _recipe(recipe, set_)
+    r = load(recipe, set_)
     _, rows, _ = _read_field(r, "train")
     rows = rows[:n]
     tok = _tokenizer(r, _log)
@@ -187,21 +172,19 @@ def _mask_ranges(labels: list[int], ignore: int) -> str:
 
 
 @app.command()
-@_errors
+@handle_errors
 def convert(src: str = typer.Argument(..., metavar="IN", help="Data file to convert"),
-            from_: str = typer.Option("auto", "--from", help="Input format (auto detects from the columns)"),
-            to: str = typer.Option(..., "--to", help="messages | sharegpt | alpaca | completion | text"),
+            from_: ConvertFrom = typer.Option("auto", "--from", help="Input format (auto detects from the columns)"),
+            to: ConvertTo = typer.Option(..., "--to", help="Row format to write"),
             output: str = typer.Option(..., "--output", "-o", help="Output .jsonl (or .json for one list)"),
             column: Optional[List[str]] = typer.Option(None, "--column", help="format_col=your_col (repeatable)"),
             role: Optional[List[str]] = typer.Option(None, "--role", help="your_role=user|assistant|... (repeatable)"),
             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file")):
     """Convert a data file between formats (e.g. sharegpt -> messages)."""
-    from ftkit.data.formats import CONVERTERS, Columns, from_canonical, to_canonical
+    from ftkit.data.formats import Columns, from_canonical, to_canonical
     from ftkit.data.sources import read_rows
     from ftkit.errors import UserError
 
-    if from_ != "auto" and from_ not in CONVERTERS:
-        raise UserError(f"--from {from_}: unknown format; one of: auto, {', '.join(CONVERTERS)}")
     dest = Path(output)
     if dest.exists() and not overwrite:
         raise UserError(f"--output: {dest} exists; pass --overwrite to replace it")
@@ -215,8 +198,8 @@ def convert(src: str = typer.Argument(..., metavar="IN", help="Data file to conv
     if bad:
         raise UserError(f"--role {bad[0]}: map onto user, assistant, system or tool")
     cols = Columns(_pairs(column, "--column"), roles)
-    fmt, items = to_canonical(read_rows(path), from_, cols, None, recipe_where="--column")
-    converted = [from_canonical(item, to) for item in items]  # all or nothing: errors before writing
+    fmt, items = to_canonical(read_rows(path), from_.value, cols, None, recipe_where="--column")
+    converted = [from_canonical(item, to.value) for item in items]  # all or nothing: errors before writing
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     with tmp.open("w", encoding="utf-8") as fh:
@@ -225,7 +208,7 @@ def convert(src: str = typer.Argument(..., metavar="IN", help="Data file to conv
         else:
             fh.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in converted)
     os.replace(tmp, dest)
-    _log(f"[green]ok[/] {len(converted)} rows {fmt} -> {to}: {dest}")
+    _log(f"[green]ok[/] {len(converted)} rows {fmt} -> {to.value}: {dest}")
 
 
 def _pairs(items, flag: str) -> dict[str, str]:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftkit.data import preference as _preference  # noqa: F401  (registers preference, unpaired, prompt)
 from ftkit.data.chat import check_tool_use, uses_tools
 from ftkit.data.formats import Columns, to_canonical
 from ftkit.data.quality import Screened, describe, screen
@@ -55,22 +56,23 @@ def source_paths(recipe: Recipe, field_name: str) -> list[tuple[str, Path]]:
     return [(item, resolve_path(item, recipe._source)) for item in as_list(getattr(recipe.data, field_name))]
 
 
-def _read_field(recipe: Recipe, field_name: str) -> tuple[list[str], list[dict], list[dict]]:
+def _read_field(recipe: Recipe, field_name: str, fmt: str | None = None) -> tuple[list[str], list[dict], list[dict]]:
+    """Every source of data.train or data.eval as canonical rows; fmt overrides data.format (a stage's own)."""
     d = recipe.data
     cols = Columns(d.columns, d.roles)
     formats, rows, sources = [], [], []
     for value, path in source_paths(recipe, field_name):
-        fmt, items = to_canonical(read_source(value, path), d.format, cols, d.system,
-                                  recipe_where=recipe.where("data", "columns"))
+        fmt_used, items = to_canonical(read_source(value, path), fmt or d.format, cols, d.system,
+                                       recipe_where=recipe.where("data", "columns"))
         check_tool_use(items)
-        formats.append(fmt)
+        formats.append(fmt_used)
         rows += items
-        sources.append({"field": field_name, "source": value, "format": fmt, "rows": len(items)})
+        sources.append({"field": field_name, "source": value, "format": fmt_used, "rows": len(items)})
     return formats, rows, sources
 
 
-def read_canonical(recipe: Recipe, field_name: str) -> tuple[str, list[dict]]:
-    formats, rows, _ = _read_field(recipe, field_name)
+def read_canonical(recipe: Recipe, field_name: str, fmt: str | None = None) -> tuple[str, list[dict]]:
+    formats, rows, _ = _read_field(recipe, field_name, fmt)
     return "+".join(dict.fromkeys(formats)), rows
 
 

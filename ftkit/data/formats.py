@@ -5,80 +5,19 @@ Canonical rows are one of:
   {"prompt": str, "completion": str}                   completion
   {"text": str}                                        raw text (continued pretraining)
 
-Formats live in a registry (`register_format`), so a module can add its own (preference,
-unpaired, prompt ...) without touching this file's code paths.
+Formats live in a registry (ftkit/data/registry.py), so a module can add its own (preference,
+unpaired, prompt in ftkit/data/preference.py) without touching this file.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Callable
 
 from ftkit.data.chat import norm_tools, turn_extras
+from ftkit.data.registry import (AUTO_ORDER, CONVERTERS, FORMAT_COLUMNS, INNER_KEYS, ROLE_ALIASES,  # noqa: F401
+                                 Columns, detect_format, get_column, register_format)
 from ftkit.data.sources import Row
 from ftkit.errors import UserError
-
-
-class Columns(dict):
-    """data.columns (format column -> user column) plus data.roles (user role -> canonical role).
-
-    A dict, so converters can keep calling `columns.get(col, col)`."""
-
-    def __init__(self, columns: dict[str, str] | None = None, roles: dict[str, str] | None = None):
-        super().__init__(columns or {})
-        self.roles = dict(roles or {})
-
-
-# format -> {column: required}; data.columns maps these names to the user's.
-FORMAT_COLUMNS: dict[str, dict[str, bool]] = {}
-# format -> keys inside list items that data.columns may rename too (e.g. role/content of each message).
-INNER_KEYS: dict[str, tuple[str, ...]] = {}
-CONVERTERS: dict[str, Callable[[Row, Columns], dict]] = {}
-# Formats `auto` tries, in order (the first whose required columns are all present wins).
-AUTO_ORDER: list[str] = []
-
-
-def register_format(name: str, columns: dict[str, bool], converter: Callable[[Row, Columns], dict],
-                    inner: tuple[str, ...] = (), auto: bool = True) -> None:
-    FORMAT_COLUMNS[name] = columns
-    INNER_KEYS[name] = inner
-    CONVERTERS[name] = converter
-    if auto and name not in AUTO_ORDER:
-        AUTO_ORDER.append(name)
-
-
-ROLE_ALIASES = {
-    "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
-    "model": "assistant", "system": "system", "tool": "tool", "observation": "tool", "function": "tool",
-    "function_call": "assistant", "ipython": "tool",
-}
-
-
-def detect_format(row: Row, columns: dict[str, str]) -> str:
-    have = set(row.data)
-    for fmt in AUTO_ORDER:
-        needed = [columns.get(c, c) for c, req in FORMAT_COLUMNS[fmt].items() if req]
-        if all(c in have for c in needed):
-            return fmt
-    raise UserError(
-        f"{row.where}: data.format is auto but the columns ({', '.join(sorted(have)) or 'none'}) match no format. "
-        f"Set data.format ({' | '.join(FORMAT_COLUMNS)}) and, if your names differ, "
-        "data.columns, e.g. columns: {instruction: question, output: answer}"
-    )
-
-
-def _get(row: Row, fmt: str, col: str, columns: dict[str, str]):
-    name = columns.get(col, col)
-    if name not in row.data or row.data[name] is None:
-        if FORMAT_COLUMNS[fmt].get(col, False):
-            mapped = f" (data.columns.{col})" if col in columns else ""
-            hint = "" if col in columns else f"; if yours is named differently, set data.columns: {{{col}: <name>}}"
-            raise UserError(
-                f"{row.where}: missing column {name!r}{mapped} needed by format {fmt}; "
-                f"columns in this row: {', '.join(sorted(row.data)) or 'none'}{hint}"
-            )
-        return None
-    return row.data[name]
 
 
 def _text(row: Row, value, what: str) -> str:
@@ -121,33 +60,33 @@ def _turns(row: Row, items, fmt: str, list_col: str, role_key: str, content_key:
 
 
 def _with_tools(row: Row, fmt: str, item: dict, columns: Columns) -> dict:
-    tools = norm_tools(row.where, _get(row, fmt, "tools", columns))
+    tools = norm_tools(row.where, get_column(row, fmt, "tools", columns))
     if tools:
         item["tools"] = tools
     return item
 
 
 def _from_messages(row: Row, columns: Columns) -> dict:
-    msgs = _get(row, "messages", "messages", columns)
+    msgs = get_column(row, "messages", "messages", columns)
     return _with_tools(row, "messages", {"messages": _turns(row, msgs, "messages", "messages", "role", "content",
                                                             columns)}, columns)
 
 
 def _from_sharegpt(row: Row, columns: Columns) -> dict:
-    conv = _get(row, "sharegpt", "conversations", columns)
+    conv = get_column(row, "sharegpt", "conversations", columns)
     turns = _turns(row, conv, "sharegpt", "conversations", "from", "value", columns)
-    system = _get(row, "sharegpt", "system", columns)
+    system = get_column(row, "sharegpt", "system", columns)
     if system and turns[0]["role"] != "system":
         turns.insert(0, {"role": "system", "content": _text(row, system, "system")})
     return _with_tools(row, "sharegpt", {"messages": turns}, columns)
 
 
 def _from_alpaca(row: Row, columns: Columns) -> dict:
-    instruction = _text(row, _get(row, "alpaca", "instruction", columns), "instruction")
-    extra = _get(row, "alpaca", "input", columns)
-    output = _text(row, _get(row, "alpaca", "output", columns), "output")
-    system = _get(row, "alpaca", "system", columns)
-    history = _get(row, "alpaca", "history", columns) or []
+    instruction = _text(row, get_column(row, "alpaca", "instruction", columns), "instruction")
+    extra = get_column(row, "alpaca", "input", columns)
+    output = _text(row, get_column(row, "alpaca", "output", columns), "output")
+    system = get_column(row, "alpaca", "system", columns)
+    history = get_column(row, "alpaca", "history", columns) or []
     if not isinstance(history, list):
         raise UserError(f"{row.where}: history must be a list of [question, answer] pairs")
     turns = [{"role": "system", "content": _text(row, system, "system")}] if system else []
@@ -163,13 +102,13 @@ def _from_alpaca(row: Row, columns: Columns) -> dict:
 
 def _from_completion(row: Row, columns: Columns) -> dict:
     return {
-        "prompt": _text(row, _get(row, "completion", "prompt", columns), "prompt"),
-        "completion": _text(row, _get(row, "completion", "completion", columns), "completion"),
+        "prompt": _text(row, get_column(row, "completion", "prompt", columns), "prompt"),
+        "completion": _text(row, get_column(row, "completion", "completion", columns), "completion"),
     }
 
 
 def _from_text(row: Row, columns: Columns) -> dict:
-    return {"text": _text(row, _get(row, "text", "text", columns), "text")}
+    return {"text": _text(row, get_column(row, "text", "text", columns), "text")}
 
 
 register_format("messages", {"messages": True, "tools": False}, _from_messages, inner=("role", "content"))
@@ -288,6 +227,3 @@ def from_canonical(item: dict, to: str) -> dict:
         raise UserError(f"{item['where']}: chat rows become text only through a chat template; "
                         "train on them as chat instead")
     raise UserError(f"--to {to}: unknown format; one of: messages, sharegpt, alpaca, completion, text")
-
-
-from ftkit.data import preference as _preference  # noqa: E402,F401  (registers preference, unpaired, prompt)

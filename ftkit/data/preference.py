@@ -11,7 +11,7 @@ tokenizer has no chat template (a base model), as TRL's non-conversational datas
 
 from __future__ import annotations
 
-from ftkit.data.formats import ROLE_ALIASES, _get, register_format
+from ftkit.data.registry import ROLE_ALIASES, get_column, register_format
 from ftkit.data.sources import Row
 from ftkit.errors import UserError
 
@@ -21,14 +21,11 @@ _COLUMNS = {
     "prompt": {"prompt": True},
 }
 
-# The format each stage reads when data.format is auto.
-STAGE_FORMAT = {"rm": "preference", "dpo": "preference", "orpo": "preference", "kto": "unpaired", "rl": "prompt"}
-
 _TRUE = {"true", "1", "yes", "good", "desirable"}
 _FALSE = {"false", "0", "no", "bad", "undesirable"}
 
 
-def _messages(row: Row, value, column: str, default_role: str) -> tuple[list[dict], bool]:
+def _messages(row: Row, value, column: str, default_role: str, roles: dict) -> tuple[list[dict], bool]:
     """A string or a message list -> (messages, was_plain_string)."""
     if isinstance(value, str):
         if not value.strip():
@@ -42,6 +39,8 @@ def _messages(row: Row, value, column: str, default_role: str) -> tuple[list[dic
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UserError(f"{row.where}: {column!r} message {i + 1} must be an object with 'role' and 'content'")
         role = m["role"]
+        if isinstance(role, str) and role in roles:  # data.roles maps the user's own role names
+            role = roles[role]
         if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
             raise UserError(f"{row.where}: {column!r} message {i + 1} has unknown role {role!r}; "
                             f"known roles: {', '.join(sorted(ROLE_ALIASES))}")
@@ -51,16 +50,16 @@ def _messages(row: Row, value, column: str, default_role: str) -> tuple[list[dic
     return out, False
 
 
-def _responses(row: Row, value, column: str) -> tuple[list[dict], bool]:
-    msgs, plain = _messages(row, value, column, "assistant")
+def _responses(row: Row, value, column: str, columns) -> tuple[list[dict], bool]:
+    msgs, plain = _messages(row, value, column, "assistant", getattr(columns, "roles", {}))
     if msgs[-1]["role"] != "assistant":
         raise UserError(f"{row.where}: {column!r} must end with an assistant message (the reply being judged)")
     return msgs, plain
 
 
 def _prompt(row: Row, fmt: str, columns: dict) -> tuple[list[dict], bool]:
-    value = _get(row, fmt, "prompt", columns)
-    msgs, plain = _messages(row, value, "prompt", "user")
+    value = get_column(row, fmt, "prompt", columns)
+    msgs, plain = _messages(row, value, "prompt", "user", getattr(columns, "roles", {}))
     if msgs[-1]["role"] == "assistant":
         raise UserError(f"{row.where}: 'prompt' ends with an assistant message; the reply belongs in the "
                         "response column")
@@ -68,9 +67,9 @@ def _prompt(row: Row, fmt: str, columns: dict) -> tuple[list[dict], bool]:
 
 
 def _from_preference(row: Row, columns: dict) -> dict:
-    chosen, p1 = _responses(row, _get(row, "preference", "chosen", columns), "chosen")
-    rejected, p2 = _responses(row, _get(row, "preference", "rejected", columns), "rejected")
-    if _get(row, "preference", "prompt", columns) is None:
+    chosen, p1 = _responses(row, get_column(row, "preference", "chosen", columns), "chosen", columns)
+    rejected, p2 = _responses(row, get_column(row, "preference", "rejected", columns), "rejected", columns)
+    if get_column(row, "preference", "prompt", columns) is None:
         # Implicit prompt: whole conversations that share their opening turns.
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -98,8 +97,8 @@ def _label(row: Row, value, column: str) -> bool:
 
 def _from_unpaired(row: Row, columns: dict) -> dict:
     prompt, p0 = _prompt(row, "unpaired", columns)
-    completion, p1 = _responses(row, _get(row, "unpaired", "completion", columns), "completion")
-    label = _label(row, _get(row, "unpaired", "label", columns), columns.get("label", "label"))
+    completion, p1 = _responses(row, get_column(row, "unpaired", "completion", columns), "completion", columns)
+    label = _label(row, get_column(row, "unpaired", "label", columns), columns.get("label", "label"))
     return {"prompt": prompt, "completion": completion, "label": label, "plain": p0 and p1}
 
 
@@ -111,7 +110,7 @@ def _from_prompt(row: Row, columns: dict) -> dict:
     return {"prompt": prompt, "plain": plain, "extra": extra}
 
 
-# Not auto-detected for sft data: the preference stages pick their format from STAGE_FORMAT.
+# Not auto-detected for sft data: each preference stage names its format in the stage registry.
 for _name, _convert in (("preference", _from_preference), ("unpaired", _from_unpaired), ("prompt", _from_prompt)):
     register_format(_name, _COLUMNS[_name], _convert, auto=False)
 

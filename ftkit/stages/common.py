@@ -18,13 +18,6 @@ from ftkit.speed import batch_size
 from ftkit.ui import console, is_main_process, log, quiet_libraries
 
 
-def default_output_dir(recipe: Recipe) -> str:
-    if recipe.output.dir:
-        return recipe.output.dir
-    stem = Path(recipe._source).stem if recipe._source else recipe.stage
-    return str(Path("runs") / stem)
-
-
 def setup_hardware(recipe: Recipe) -> Hardware:
     import torch
 
@@ -46,13 +39,38 @@ def setup_hardware(recipe: Recipe) -> Hardware:
     return hw
 
 
-def trainer_kwargs(recipe: Recipe, hw: Hardware, out_dir: Path, has_eval: bool) -> dict:
+def activation_bytes(config, tokens: int, bytes_per_value: int) -> int:
+    """Activations kept for the backward pass: ~34 values per token per hidden unit per layer (Korthikanti
+    et al. 2022, with attention scores not materialized by sdpa/flash), plus the fp32 logits and their grad."""
+    layers = getattr(config, "num_hidden_layers", None) or 1
+    hidden = getattr(config, "hidden_size", None) or 1
+    vocab = getattr(config, "vocab_size", None) or 1
+    return tokens * (34 * hidden * layers * bytes_per_value // 2 + 2 * 4 * vocab)
+
+
+def use_activation_checkpointing(recipe: Recipe, hw: Hardware, model=None) -> bool:
+    """train.activation_checkpointing, with auto decided from memory: recompute costs ~30% more compute,
+    so it is on only on a CUDA GPU where the step's activations would not fit in half the free memory
+    (measured after the model is loaded)."""
+    ckpt = recipe.train.activation_checkpointing
+    if ckpt != "auto":
+        return bool(ckpt)
+    if hw.device != "cuda" or model is None:
+        return False
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    tokens = batch_size(recipe, hw) * recipe.data.max_length
+    need = activation_bytes(model.config, tokens, 4 if hw.dtype == "float32" else 2)
+    on = need > free / 2
+    log(f"activation checkpointing: {'on' if on else 'off'} (auto: ~{need / 2**30:.1f} GiB of activations, "
+        f"{free / 2**30:.1f} GiB free)")
+    return on
+
+
+def trainer_kwargs(recipe: Recipe, hw: Hardware, out_dir: Path, has_eval: bool, model=None) -> dict:
     """TrainingArguments fields shared by every TRL config, chosen from the recipe and the hardware."""
     t = recipe.train
-    ckpt = t.activation_checkpointing
-    if ckpt == "auto":
-        # Recompute costs ~30% more compute; only worth it when memory is the limit.
-        ckpt = False
     return dict(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=t.epochs,
@@ -82,7 +100,7 @@ def trainer_kwargs(recipe: Recipe, hw: Hardware, out_dir: Path, has_eval: bool) 
         bf16=hw.dtype == "bfloat16",
         fp16=hw.dtype == "float16",
         use_cpu=hw.device == "cpu",
-        activation_checkpointing=bool(ckpt),
+        activation_checkpointing=use_activation_checkpointing(recipe, hw, model),
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=hw.device == "cuda",
         remove_unused_columns=False,

@@ -7,19 +7,16 @@ replies that beat their group's average.
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
-from ftkit import optim
 from ftkit.errors import UserError
 from ftkit.recipe import Recipe, resolve_path
 from ftkit.rewards import (accuracy_reward, format_reward, import_function, length_reward, soft_overlong_reward,
                            think_format_reward)
-from ftkit.rundir import RunDir
-from ftkit.stages.common import attach_progress, default_output_dir, finite, setup_hardware, trainer_kwargs
-from ftkit.stages.preference import (change, check_stage, free_memory, load_stage_data, prepare_model, save_run,
-                                     series)
+from ftkit.runmeta import is_reward_model_dir
+from ftkit.stages import policy
+from ftkit.stages.base import Built, Context
+from ftkit.stages.common import finite
 from ftkit.ui import log
 
 
@@ -30,19 +27,9 @@ def _search_dirs(recipe: Recipe) -> list[Path]:
     return dirs
 
 
-def _is_reward_model_dir(path: Path) -> bool:
-    from ftkit.stages.rm import is_reward_adapter
-
-    if is_reward_adapter(path):
-        return True
-    cfg = path / "config.json"
-    if cfg.is_file():
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-        return any(a.endswith("ForSequenceClassification") for a in data.get("architectures") or [])
-    return False
-
-
-def check_rl(recipe: Recipe, produced: set[str] = frozenset()) -> None:
+def check(recipe: Recipe, produced: frozenset[str] = frozenset()) -> None:
+    policy.stage_format(recipe)
+    policy.check_rows(recipe)
     rl, t = recipe.rl, recipe.train
     if not rl.reward_model and not rl.rewards:
         raise UserError(f"{recipe.where('rl')}: rl: no reward: set rl.reward_model (an rm run dir) and/or "
@@ -51,7 +38,7 @@ def check_rl(recipe: Recipe, produced: set[str] = frozenset()) -> None:
         path = resolve_path(rl.reward_model, recipe._source)
         if not path.is_dir():
             raise UserError(f"{recipe.where('rl', 'reward_model')}: rl.reward_model: not a directory: {rl.reward_model}")
-        if not _is_reward_model_dir(path):
+        if not is_reward_model_dir(path):
             raise UserError(f"{recipe.where('rl', 'reward_model')}: rl.reward_model: {rl.reward_model} is not a "
                             "reward model (an ftkit rm run dir, or a merged sequence classifier)")
     if (t.batch_size * t.grad_accum) % rl.num_generations:
@@ -71,13 +58,11 @@ def check_rl(recipe: Recipe, produced: set[str] = frozenset()) -> None:
 def _check_accuracy(recipe: Recipe, i: int, column: str) -> None:
     import importlib.util
 
-    from ftkit.stages.preference import read_stage_rows
-
     where = recipe.where("rl", "rewards", i)
     if importlib.util.find_spec("math_verify") is None:
         raise UserError(f"{where}: rl.rewards[{i}]: an accuracy reward needs the math-verify package: "
                         "pip install math-verify (or pip install 'ftkit[math]')")
-    rows = read_stage_rows(recipe, "train")
+    rows = policy.read_stage_rows(recipe, "train")
     missing = sum(1 for r in rows if (r.get("extra") or {}).get(column) in (None, ""))
     if missing:
         raise UserError(f"{where}: rl.rewards[{i}]: an accuracy reward compares each reply with the prompt file's "
@@ -85,9 +70,9 @@ def _check_accuracy(recipe: Recipe, i: int, column: str) -> None:
                         "column name)")
 
 
-def build_rewards(recipe: Recipe, dtype: str) -> tuple[list, list, list[float], list[str]]:
+def _rewards(recipe: Recipe, dtype: str) -> tuple[list, list, list[float], list[str]]:
     """(reward_funcs, reward_processing_classes, weights, names) for TRL."""
-    from ftkit.stages.rm import load_reward_model
+    from ftkit.reward_model import load_reward_model
 
     funcs, tokenizers, weights, names = [], [], [], []
     rl = recipe.rl
@@ -131,67 +116,69 @@ def _reward_printer():
     return RewardLine()
 
 
-def _mean(xs: list[float]) -> float | None:
-    return round(sum(xs) / len(xs), 6) if xs else None
-
-
-def run(recipe: Recipe, output: str | None = None, overwrite: bool = False) -> Path:
-    check_stage(recipe)
+def trainer_classes(recipe: Recipe):
     if recipe.rl.algorithm == "grpo":
-        from trl import GRPOConfig as Config
-        from trl import GRPOTrainer as Trainer
-    else:
-        from trl import RLOOConfig as Config
-        from trl import RLOOTrainer as Trainer
+        from trl import GRPOConfig, GRPOTrainer
 
-    run_dir = RunDir(output or default_output_dir(recipe), overwrite=overwrite)
-    hw = setup_hardware(recipe)
-    prep = prepare_model(recipe, hw)
-    data = load_stage_data(recipe, prep.template)
-    funcs, tokenizers, weights, names = build_rewards(recipe, hw.dtype)
-    log(f"data: {data.rows} prompts, {data.eval_rows} eval prompts · rewards: "
-        + ", ".join(f"{n} x{w:g}" for n, w in zip(names, weights)))
+        return GRPOConfig, GRPOTrainer
+    from trl import RLOOConfig, RLOOTrainer
 
-    work = run_dir.start()
+    return RLOOConfig, RLOOTrainer
+
+
+def build(recipe: Recipe, hw, use_cache: bool = True) -> Built:
+    built = policy.build(recipe, hw, drop_long=True)
+    funcs, tokenizers, weights, names = _rewards(recipe, hw.dtype)
+    log("rewards: " + ", ".join(f"{n} x{w:g}" for n, w in zip(names, weights)))
+    built.trainer_args = {"reward_funcs": funcs, "reward_processing_classes": tokenizers}
+    built.info.update(weights=weights, names=names)
+    built.callbacks.append(_reward_printer())
+    return built
+
+
+def config_args(recipe: Recipe, built: Built) -> dict:
     rl = recipe.rl
     extra = {"beta": rl.beta} if rl.beta is not None else {}
     extra.update(epsilon=rl.epsilon, epsilon_high=rl.epsilon_high, mask_truncated_completions=rl.mask_truncated_completions)
     if rl.algorithm == "grpo":
         extra.update(loss_type=rl.loss_type, scale_rewards=rl.scale_rewards)
-    args = Config(**trainer_kwargs(recipe, hw, work, data.eval is not None), num_generations=rl.num_generations,
-                  max_completion_length=rl.max_completion_length, temperature=rl.temperature,
-                  reward_weights=weights, **extra)
-    trainer = Trainer(model=prep.model, reward_funcs=funcs, args=args, train_dataset=data.train,
-                      eval_dataset=data.eval, processing_class=prep.tokenizer, reward_processing_classes=tokenizers)
-    optim.configure_trainer(trainer, recipe)
-    progress = attach_progress(trainer, work / "metrics.jsonl")
-    trainer.add_callback(_reward_printer())
-    t0 = time.perf_counter()
-    result = trainer.train()
-    wall = time.perf_counter() - t0
-    ev = trainer.evaluate() if data.eval is not None else {}
+    return dict(num_generations=rl.num_generations, max_completion_length=rl.max_completion_length,
+                temperature=rl.temperature, reward_weights=built.info["weights"], **extra)
 
-    rewards = series(progress.history, "reward")
+
+def evaluate(trainer, built: Built, when: str) -> dict:
+    if when == "before" or built.eval is None:
+        return {}
+    return trainer.evaluate()
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 6) if xs else None
+
+
+def summarize(ctx: Context) -> dict:
+    rewards = policy.series(ctx.history, "reward")
     quarter = max(1, len(rewards) // 4)
-    metrics = {
-        "algorithm": rl.algorithm,
-        "train_loss": finite(result.training_loss),
+
+    def quarters(key: str) -> dict:
+        xs = policy.series(ctx.history, key)
+        return {"mean_first_quarter": _mean(xs[:quarter]), "mean_last_quarter": _mean(xs[-quarter:])}
+
+    return {
+        "algorithm": ctx.recipe.rl.algorithm,
         "reward_first": rewards[0] if rewards else None,
         "reward_last": rewards[-1] if rewards else None,
         "reward_mean_first_quarter": _mean(rewards[:quarter]),
         "reward_mean_last_quarter": _mean(rewards[-quarter:]),
+        "reward_quarter_steps": quarter,
         "reward_by_step": rewards,
-        "rewards": {n: {"weight": w, "mean_first_quarter": _mean(series(progress.history, f"rewards/{n}/mean")[:quarter]),
-                        "mean_last_quarter": _mean(series(progress.history, f"rewards/{n}/mean")[-quarter:])}
-                    for n, w in zip(names, weights)},
-        "eval_reward": finite(ev.get("eval_reward")),
-        "prompts": data.rows,
+        "rewards": {n: {"weight": w, **quarters(f"rewards/{n}/mean")}
+                    for n, w in zip(ctx.built.info["names"], ctx.built.info["weights"])},
+        "eval_reward": finite(ctx.after.get("eval_reward")),
+        "prompts": len(ctx.built.train),
     }
-    final = save_run(recipe, hw, run_dir, work, trainer, prep, wall, metrics)
-    log(f"[green]done[/] in {wall:.1f}s · {trainer.state.global_step} steps"
-        + change(f"mean reward (first → last {quarter} steps)", metrics["reward_mean_first_quarter"],
-                 metrics["reward_mean_last_quarter"], ".4f")
-        + f" · run dir: {final}")
-    del trainer, prep, funcs
-    free_memory()
-    return final
+
+
+def done_line(m: dict) -> str:
+    return policy.change(f"mean reward (first → last {m['reward_quarter_steps']} steps)",
+                         m["reward_mean_first_quarter"], m["reward_mean_last_quarter"], ".4f")

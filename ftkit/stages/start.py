@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftkit.errors import UserError
-from ftkit.inference import adapter_base_name, is_adapter_dir
+from ftkit.runmeta import adapter_base_name, is_adapter_dir
 from ftkit.recipe import Recipe, resolve_path
 
 ADAPTER_FILE = "adapter_model.safetensors"
