@@ -265,37 +265,35 @@ def _validation_message(errors: list) -> tuple[str, str | None]:
     return f"Invalid value for '{where}': {first.get('msg', 'invalid')}", (loc[0] if loc else None)
 
 
-def build_app(engine: Engine, api_key: str | None = None):
-    from fastapi import FastAPI, Request
+def _error(exc: APIError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _install_errors_and_auth(app, api_key: str | None) -> None:
+    """Every failure answers in OpenAI's error shape; with an API key, every request must carry it."""
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import ValidationError
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
-
-    app = FastAPI(title="ftkit serve", docs_url=None, redoc_url=None, openapi_url=None)
-    created = int(time.time())
-
-    def error(exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error(exc)
+        return _error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc.errors())
-        return error(APIError(400, message, param=param))
+        return _error(APIError(400, message, param=param))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_=kind))
+        return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_=kind))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
-        return error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error"))
+        return _error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error"))
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -303,9 +301,114 @@ def build_app(engine: Engine, api_key: str | None = None):
             header = request.headers.get("authorization", "")
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not secrets.compare_digest(given.encode(), api_key.encode()):
-                return error(APIError(401, "Incorrect API key provided.", type_="invalid_request_error",
-                                      code="invalid_api_key"))
+                return _error(APIError(401, "Incorrect API key provided.", type_="invalid_request_error",
+                                       code="invalid_api_key"))
         return await call_next(request)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _whole_reply(engine: Engine, kind: str, rid: str, now: int, req: _Sampling, prompts: list[list[int]],
+                 budgets: list[int], strip: bool) -> dict:
+    choices, completion = [], 0
+    for i, (ids, budget) in enumerate(zip(prompts, budgets)):
+        outcome = Outcome()
+        text = "".join(engine.stream(ids, budget, req, strip, outcome))
+        completion += outcome.completion_tokens
+        body = ({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
+        if getattr(req, "tools", None):  # OpenAI tool_calls, parsed by the template's markers
+            body["message"], called = toolcalls.message(text, engine.tok.chat_template)
+            outcome.finish_reason = "tool_calls" if called else outcome.finish_reason
+        choices.append({"index": i, **body, "logprobs": None, "finish_reason": outcome.finish_reason})
+    prompt_tokens = sum(len(p) for p in prompts)
+    return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": now,
+            "model": engine.name, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion}}
+
+
+def _stream_events(engine: Engine, kind: str, rid: str, now: int, req: _Sampling, prompts: list[list[int]],
+                   budgets: list[int], strip: bool):
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def chunk(i: int, text: str | None, finish: str | None, first: bool = False, delta: dict | None = None) -> dict:
+        if kind == "chat":
+            delta = delta or ({"role": "assistant", "content": ""} if first else ({"content": text} if text else {}))
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {"id": rid, "object": obj, "created": now, "model": engine.name, "choices": [choice]}
+
+    completion = 0
+    try:
+        for i, (ids, budget) in enumerate(zip(prompts, budgets)):
+            if kind == "chat":
+                yield _sse(chunk(i, None, None, first=True))
+            outcome = Outcome()
+            if getattr(req, "tools", None):  # content streams; each tool call arrives whole at the end
+                called: dict = {}
+                for delta in toolcalls.stream_deltas(engine.stream(ids, budget, req, strip, outcome),
+                                                     engine.tok.chat_template, called):
+                    yield _sse(chunk(i, None, None, delta=delta))
+                outcome.finish_reason = "tool_calls" if called["tool_calls"] else outcome.finish_reason
+            else:
+                for piece in engine.stream(ids, budget, req, strip, outcome):
+                    yield _sse(chunk(i, piece, None))
+            completion += outcome.completion_tokens
+            yield _sse(chunk(i, None, outcome.finish_reason))
+        if req.stream_options and req.stream_options.include_usage:
+            p = sum(len(x) for x in prompts)
+            yield _sse({"id": rid, "object": obj, "created": now, "model": engine.name, "choices": [],
+                        "usage": {"prompt_tokens": p, "completion_tokens": completion, "total_tokens": p + completion}})
+    except APIError as exc:
+        yield _sse(exc.body())
+    except Exception as exc:  # headers are out: report in-band, then end the stream cleanly
+        yield _sse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error").body())
+    yield "data: [DONE]\n\n"
+
+
+def _respond(engine: Engine, kind: str, req: _Sampling, prompts: list[list[int]], max_tokens: int | None,
+             strip: bool):
+    from fastapi.responses import StreamingResponse
+
+    engine.check_model(req.model)
+    if req.logprobs:
+        raise APIError(400, "logprobs are not supported by ftkit serve", param="logprobs")
+    budgets = [engine.budget(len(ids), max_tokens) for ids in prompts]
+    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    now = int(time.time())
+    if not req.stream:
+        return _whole_reply(engine, kind, rid, now, req, prompts, budgets, strip)
+    return StreamingResponse(_stream_events(engine, kind, rid, now, req, prompts, budgets, strip),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _parse(request, schema):
+    # Parsed by hand so a missing or wrong Content-Type still gets JSON semantics, as OpenAI's API does.
+    from pydantic import ValidationError
+
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "We could not parse the JSON body of your request.") from None
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        message, param = _validation_message(exc.errors())
+        raise APIError(400, message, param=param) from None
+
+
+def build_app(engine: Engine, api_key: str | None = None):
+    from fastapi import FastAPI, Request
+    from starlette.concurrency import run_in_threadpool
+
+    app = FastAPI(title="ftkit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    _install_errors_and_auth(app, api_key)
 
     def model_card() -> dict:
         return {"id": engine.name, "object": "model", "created": created, "owned_by": "ftkit"}
@@ -323,95 +426,10 @@ def build_app(engine: Engine, api_key: str | None = None):
         engine.check_model(model_id)
         return model_card()
 
-    def prepare(req: _Sampling, prompts: list[list[int]], max_tokens: int | None):
-        engine.check_model(req.model)
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported by ftkit serve", param="logprobs")
-        return [engine.budget(len(ids), max_tokens) for ids in prompts]
-
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
-
-    def run(kind: str, req: _Sampling, prompts: list[list[int]], budgets: list[int], strip: bool):
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        now = int(time.time())
-        if not req.stream:
-            choices, completion = [], 0
-            for i, (ids, budget) in enumerate(zip(prompts, budgets)):
-                outcome = Outcome()
-                text = "".join(engine.stream(ids, budget, req, strip, outcome))
-                completion += outcome.completion_tokens
-                body = ({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
-                if getattr(req, "tools", None):  # OpenAI tool_calls, parsed by the template's markers
-                    body["message"], called = toolcalls.message(text, engine.tok.chat_template)
-                    outcome.finish_reason = "tool_calls" if called else outcome.finish_reason
-                choices.append({"index": i, **body, "logprobs": None, "finish_reason": outcome.finish_reason})
-            prompt_tokens = sum(len(p) for p in prompts)
-            return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": now,
-                    "model": engine.name, "choices": choices,
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                              "total_tokens": prompt_tokens + completion}}
-
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-        def chunk(i: int, text: str | None, finish: str | None, first: bool = False, delta: dict | None = None) -> dict:
-            if kind == "chat":
-                delta = delta or ({"role": "assistant", "content": ""} if first else ({"content": text} if text else {}))
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return {"id": rid, "object": obj, "created": now, "model": engine.name, "choices": [choice]}
-
-        def events():
-            completion = 0
-            try:
-                for i, (ids, budget) in enumerate(zip(prompts, budgets)):
-                    if kind == "chat":
-                        yield sse(chunk(i, None, None, first=True))
-                    outcome = Outcome()
-                    if getattr(req, "tools", None):  # content streams; each tool call arrives whole at the end
-                        called: dict = {}
-                        for delta in toolcalls.stream_deltas(engine.stream(ids, budget, req, strip, outcome),
-                                                             engine.tok.chat_template, called):
-                            yield sse(chunk(i, None, None, delta=delta))
-                        outcome.finish_reason = "tool_calls" if called["tool_calls"] else outcome.finish_reason
-                    else:
-                        for piece in engine.stream(ids, budget, req, strip, outcome):
-                            yield sse(chunk(i, piece, None))
-                    completion += outcome.completion_tokens
-                    yield sse(chunk(i, None, outcome.finish_reason))
-                if req.stream_options and req.stream_options.include_usage:
-                    p = sum(len(x) for x in prompts)
-                    yield sse({"id": rid, "object": obj, "created": now, "model": engine.name, "choices": [],
-                               "usage": {"prompt_tokens": p, "completion_tokens": completion,
-                                         "total_tokens": p + completion}})
-            except APIError as exc:
-                yield sse(exc.body())
-            except Exception as exc:  # headers are out: report in-band, then end the stream cleanly
-                yield sse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error").body())
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def parse(request: Request, schema):
-        # Parsed by hand so a missing or wrong Content-Type still gets JSON semantics, as OpenAI's API does.
-        raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "We could not parse the JSON body of your request.") from None
-        try:
-            return schema.model_validate(data)
-        except ValidationError as exc:
-            message, param = _validation_message(exc.errors())
-            raise APIError(400, message, param=param) from None
-
     def chat(req: ChatRequest):
         engine.check_model(req.model)
         prompts = [engine.chat_ids(req.messages, req.tools)]
-        budgets = prepare(req, prompts, req.max_completion_tokens or req.max_tokens)
-        return run("chat", req, prompts, budgets, strip=True)
+        return _respond(engine, "chat", req, prompts, req.max_completion_tokens or req.max_tokens, strip=True)
 
     def completion(req: CompletionRequest):
         engine.check_model(req.model)
@@ -419,18 +437,17 @@ def build_app(engine: Engine, api_key: str | None = None):
         if not texts:
             raise APIError(400, "prompt must not be empty", param="prompt")
         prompts = [engine.text_ids(t) for t in texts]
-        budgets = prepare(req, prompts, req.max_tokens)
         # Raw continuation keeps its leading space ("The capital is" -> " Paris"), unlike a chat reply.
-        return run("completion", req, prompts, budgets, strip=False)
+        return _respond(engine, "completion", req, prompts, req.max_tokens, strip=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         # Generation blocks; it runs in the worker pool so the event loop keeps answering (health, errors).
-        return await run_in_threadpool(chat, await parse(request, ChatRequest))
+        return await run_in_threadpool(chat, await _parse(request, ChatRequest))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await run_in_threadpool(completion, await parse(request, CompletionRequest))
+        return await run_in_threadpool(completion, await _parse(request, CompletionRequest))
 
     return app
 

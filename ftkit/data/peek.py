@@ -16,10 +16,11 @@ HEAD_ROWS = 50
 
 
 def stage_data_format(recipe: Recipe) -> str:
-    """The format the stage reads: data.format for sft/pt, the stage's own for the preference stages."""
-    from ftkit.data.preference import STAGE_FORMAT
+    """The format the stage reads: data.format for sft/pt, the stage's own (registry) for the others."""
+    from ftkit.stages.registry import get
 
-    return STAGE_FORMAT.get(recipe.stage, recipe.data.format) if recipe.data.format == "auto" else recipe.data.format
+    own = get(recipe.stage).data_format
+    return own if recipe.data.format == "auto" and own else recipe.data.format
 
 
 def check_data_heads(recipe: Recipe, n: int = HEAD_ROWS) -> list[str]:
