@@ -17,6 +17,9 @@ from pathlib import Path
 
 from ftkit.atomic import publish, staged_dir
 from ftkit.errors import UserError
+from ftkit.noise import silence_third_party_noise
+
+silence_third_party_noise()
 
 
 @dataclass(frozen=True)

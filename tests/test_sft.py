@@ -49,6 +49,18 @@ def test_run_dir_layout(sft_run):
     assert resolved["train"]["max_steps"] == 3 and resolved["method"]["r"] == 4
 
 
+def test_plain_lora_prints_no_third_party_noise(sft_run):
+    """bitsandbytes' optional-kernel fetch (and its offline trust notice) is not the user's business."""
+    from ftkit.noise import NOISE
+
+    _, res = sft_run
+    out = res.stdout + res.stderr
+    for _logger, prefix, _why in NOISE:
+        assert prefix not in out, prefix
+    assert "gemm_4bit_forward" not in out and "kernels-community" not in out
+    assert not [line for line in res.stderr.splitlines() if "Warning" in line or "warnings.warn" in line]
+
+
 def test_adapter_loads_with_plain_peft(sft_run, tiny_model):
     import torch
     from peft import PeftModel
