@@ -107,11 +107,27 @@ def call_kernel(q, k, v, cu, longest: int, scale: float | None, kernel=None):
     return kernel(q, k, v, cu, cu, longest, longest, **kw)
 
 
+def half_inputs(*xs):
+    """q, k, v in one half dtype, as the flash kernel takes them. Under bf16/fp16 autocast with fp32 norms
+    (full/freeze fp32 master weights, QLoRA's upcast norms) RoPE leaves q and k in fp32 while v comes out
+    of an autocast matmul in half: SDPA is on autocast's cast list, the varlen op is not."""
+    import torch
+
+    halves = (torch.bfloat16, torch.float16)
+    device = xs[0].device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in halves:
+        target = torch.get_autocast_dtype(device)
+    else:
+        target = next((x.dtype for x in xs if x.dtype in halves), torch.bfloat16)
+    return [x.to(target) for x in xs]
+
+
 def kernel_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
                    max_length_q=None, **kwargs):
     """transformers attention-interface signature; returns (batch, tokens, heads, dim)."""
     cu, longest = _boundaries(query, attention_mask, cu_seq_lens_q, max_length_q)
-    out = call_kernel(_flat(query), _flat(key), _flat(value), cu, longest, scaling)
+    q, k, v = half_inputs(_flat(query), _flat(key), _flat(value))
+    out = call_kernel(q, k, v, cu, longest, scaling)
     return out.reshape(query.shape[0], query.shape[2], query.shape[1], -1), None
 
 

@@ -9,6 +9,7 @@ import gc
 import json
 
 import pytest
+import yaml
 from conftest import write_recipe
 
 torch = pytest.importorskip("torch")
@@ -40,8 +41,12 @@ def test_every_method_trains_generates_and_merges_in_bf16(method, tmp_path, tiny
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
     extra = {"prompt": {"num_virtual_tokens": 4}, "prefix": {"num_virtual_tokens": 4}}.get(method, {})
-    r = write_recipe(tmp_path / "r.yaml", tiny_model, chat_file, method={"type": method, **extra},
-                     train={"max_steps": 2})
+    if method in MERGEABLE:
+        extra = {"r": 4, "alpha": 8}
+    r = write_recipe(tmp_path / "r.yaml", tiny_model, chat_file, train={"max_steps": 2})
+    recipe = yaml.safe_load(r.read_text())
+    recipe["method"] = {"type": method, **extra}  # replace, not merge: LoRA keys are errors on other types
+    r.write_text(yaml.safe_dump(recipe), encoding="utf-8")
     cli("sft", str(r))
     run = tmp_path / "run"
     m = metrics(run)
@@ -51,7 +56,8 @@ def test_every_method_trains_generates_and_merges_in_bf16(method, tmp_path, tiny
         assert not flat["enabled"] and "virtual tokens" in flat["reason"]
     else:
         assert flat["attention"] == "ftkit_varlen", flat  # the kernel runs on this GPU, by default
-    assert cli("generate", str(run), "-p", "What is 1 plus 2?", "--max-new-tokens", "4").strip()
+    # Exit 0 is the check: a tiny random model's reply may well be blank.
+    cli("generate", str(run), "-p", "What is 1 plus 2?", "--max-new-tokens", "4")
     if method in MERGEABLE:
         cli("merge-lora", str(run), "-o", str(tmp_path / "merged"))
         assert (tmp_path / "merged" / "config.json").exists()

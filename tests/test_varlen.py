@@ -109,6 +109,17 @@ def test_kernel_call_adapts_to_each_signature_and_matches_the_reference(kernel):
     assert "window_size" in inspect.signature(_dense_fake_kernel_new).parameters  # both spellings are covered
 
 
+def test_kernel_inputs_share_one_half_dtype():
+    """fp32 norms under bf16 autocast leave q/k in fp32 after RoPE and v in bf16; the flash kernel takes one half dtype."""
+    import torch
+
+    q, k, v = torch.zeros(3, 2, 8), torch.zeros(3, 2, 8), torch.zeros(3, 2, 8, dtype=torch.bfloat16)
+    assert {x.dtype for x in varlen.half_inputs(q, k, v)} == {torch.bfloat16}
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert {x.dtype for x in varlen.half_inputs(q, k, v)} == {torch.float16}
+    assert {x.dtype for x in varlen.half_inputs(q, k, v.float())} == {torch.bfloat16}
+
+
 def test_the_decision_falls_back_with_a_reason(tiny_model):
     model = _model(tiny_model, "sdpa")
     assert varlen.plan(Recipe(), CPU, model) == varlen.Plan(None, "the varlen kernel needs a CUDA GPU; "
