@@ -486,15 +486,22 @@ def read_yaml(path: Path) -> tuple[Any, _Located]:
 
 
 def _fields_at(loc: tuple) -> list[str]:
-    """Field names valid at a location, for 'did you mean'."""
+    """Field names valid at a location, for 'did you mean'; list items of sections count (rl.rewards.0)."""
+    from typing import get_args
+
     model: type[BaseModel] = Recipe
-    for part in loc:
-        field = model.model_fields.get(str(part))
+    parts = list(loc)
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
         if field is None:
             break
         ann = field.annotation
+        item = (get_args(ann) or [None])[0]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
+        elif parts and isinstance(parts[0], int) and isinstance(item, type) and issubclass(item, BaseModel):
+            model = item
+            parts.pop(0)
         else:
             return []
     return list(model.model_fields)

@@ -129,6 +129,8 @@ WORDING = [
     ("train:\n  max_steps: 2.5\n", [], ":2: train.max_steps: must be a whole number (got 2.5)"),
     ("model:\n  trust_remote_code: maybe\n", [], ":2: model.trust_remote_code: must be true or false (got 'maybe')"),
     ("data:\n  columns: [a]\n", [], ":2: data.columns: must be a mapping of keys to values (got ['a'])"),
+    ("rl:\n  rewards:\n    - type: length\n      target_char: 5\n", [],
+     ":4: unknown key 'rl.rewards.0.target_char'; did you mean 'rl.rewards.0.target_chars'?"),
 ]
 
 
