@@ -13,6 +13,7 @@ RESIDUAL_INITS = ("pissa", "olora")
 # transformers' optim name prefix -> (import name, pip package)
 LOWRANK_OPTIMS = {"galore_": ("galore_torch", "galore-torch"), "apollo_": ("apollo_torch", "apollo-torch")}
 # transformers' names for them (TrainingArguments.optim)
+CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo")
 LOWRANK_NAMES = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
                  "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "apollo_adamw", "apollo_adamw_layerwise")
 
@@ -62,6 +63,8 @@ def check_recipe(recipe) -> None:
     _check_optim(recipe)
     if p.precompute_ref_log_probs and stage not in ("dpo", "kto"):
         raise ValueError(f"preference.precompute_ref_log_probs applies to dpo and kto, not {stage}")
+    if stage == "cpo" and p.loss_type not in CPO_LOSSES:
+        raise ValueError(f"preference.loss_type: cpo takes {' | '.join(CPO_LOSSES)}, not {p.loss_type!r}")
 
 
 def _check_optim(recipe) -> None:

@@ -90,13 +90,15 @@ PEER_KEYS: tuple[PeerKey, ...] = (
     PeerKey("deepspeed", (LF, AX), "distributed", "deepspeed (ZeRO-2 settings built in)"),
     PeerKey("fsdp", (AX,), "distributed", "fsdp"),
     # preference / rl
-    PeerKey("rl", (AX,), "stage", "dpo | kto | orpo | grpo -> rl"),
+    PeerKey("rl", (AX,), "stage", "dpo | kto | orpo | grpo -> rl | simpo -> cpo with preference.loss_type: simpo"),
     PeerKey("pref_beta", (LF,), "preference.beta"),
     PeerKey("rl_beta", (AX,), "preference.beta"),
-    PeerKey("pref_loss", (LF,), "preference.loss_type"),
+    PeerKey("pref_loss", (LF,), "preference.loss_type", "simpo -> stage: cpo with loss_type: simpo"),
     PeerKey("dpo_label_smoothing", (LF,), "preference.label_smoothing"),
     PeerKey("kto_chosen_weight", (LF,), "preference.desirable_weight"),
     PeerKey("kto_rejected_weight", (LF,), "preference.undesirable_weight"),
+    PeerKey("cpo_alpha", (AX,), "preference.cpo_alpha"),
+    PeerKey("simpo_gamma", (LF, AX), "preference.simpo_gamma"),
     PeerKey("reward_model", (LF,), "rl.reward_model"),
 )
 

@@ -132,7 +132,7 @@ class DataSection(_Strict):
     )
     eval: Union[str, list[str], None] = Field(None, description="held-out source(s); else eval_split of train")
     format: Literal[DATA_FORMATS] = Field(  # type: ignore[valid-type]
-        "auto", description="row format; auto detects from the columns (rm/dpo/orpo: preference, kto: unpaired, "
+        "auto", description="row format; auto detects from the columns (rm/dpo/orpo/cpo: preference, kto: unpaired, "
         "rl: prompt)"
     )
     columns: dict[str, str] = Field(default_factory=dict, description="map the format's column names to yours")
@@ -268,16 +268,20 @@ class OutputSection(_Strict):
 
 
 class PreferenceSection(_Strict):
-    """Stages rm, dpo, kto, orpo."""
+    """Stages rm, dpo, kto, orpo, cpo."""
 
     beta: float = Field(0.1, gt=0, description="dpo/kto: strength of the pull towards the reference model; "
                         "orpo: weight of the odds-ratio term (lambda)")
-    loss_type: str = Field("sigmoid", description="dpo loss: sigmoid | hinge | ipo | robust | ... (TRL's names)")
+    loss_type: str = Field("sigmoid", description="dpo loss: sigmoid | hinge | ipo | robust | ... (TRL's names); "
+                           "cpo: sigmoid (CPO) | hinge | ipo | simpo (SimPO)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: assumed share of flipped labels")
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on desirable (true) rows")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the loss on undesirable (false) rows")
     center_rewards: float | None = Field(None, ge=0, description="rm: pull mean rewards towards 0 (TRL "
                                          "center_rewards_coefficient, 0.01 is typical)")
+    simpo_gamma: float = Field(0.5, description="cpo with loss_type simpo: the target reward margin")
+    cpo_alpha: float = Field(1.0, ge=0, description="cpo: weight of the NLL term on the chosen reply (SimPO "
+                             "proper: 0)")
     precompute_ref_log_probs: bool = Field(
         False, description="dpo/kto: compute the reference model's log-probs once before training (TRL), so no "
         "reference forward pass runs per step")
@@ -368,7 +372,7 @@ class Recipe(_Strict):
         "ddp", description="multi-process strategy for --num-processes N / accelerate launch (ddp: plain data parallel)"
     )
     preference: PreferenceSection = Field(default_factory=PreferenceSection,
-                                          description="rm, dpo, kto, orpo settings")
+                                          description="rm, dpo, kto, orpo, cpo settings")
     rl: RLSection = Field(default_factory=RLSection, description="rl stage settings (rewards, sampling)")
 
     _source: str | None = PrivateAttr(None)

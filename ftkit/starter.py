@@ -46,6 +46,7 @@ _STAGE_EXTRA = {
     "dpo": "preference: {beta: 0.1}                   # pull towards the reference model\n",
     "orpo": "preference: {beta: 0.1}                   # weight of the odds-ratio term\n",
     "kto": "preference: {beta: 0.1}\n",
+    "cpo": "preference: {loss_type: simpo, cpo_alpha: 0.0}   # SimPO; loss_type: sigmoid with cpo_alpha 1 is CPO\n",
     "rl": ("rl:\n"
            "  algorithm: grpo                          # grpo | rloo\n"
            "  rewards:                                 # or reward_model: runs/rm (an rm run dir)\n"

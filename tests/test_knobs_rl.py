@@ -59,3 +59,38 @@ def test_dpo_precomputes_reference_log_probs(tiny_model, tmp_path, captured):
     trainer = captured[0]
     assert trainer.args.precompute_ref_log_probs
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(trainer.train_dataset.column_names)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "sigmoid"])
+def test_cpo_and_simpo_load_no_reference_model(tiny_model, tmp_path, captured, monkeypatch, loss_type):
+    import json
+
+    import ftkit.models
+
+    loads = []
+    real = ftkit.models.load_causal_lm
+
+    def counting(*a, **kw):
+        loads.append(a[0] if a else kw.get("path"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ftkit.models, "load_causal_lm", counting)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(8))
+    pref = {"loss_type": loss_type, "cpo_alpha": 0.0 if loss_type == "simpo" else 1.0, "simpo_gamma": 0.7}
+    run = run_stage(stage_recipe(tmp_path, "cpo", tiny_model, data, preference=pref))
+    trainer = captured[0]
+    assert type(trainer).__name__ == "CPOTrainer"
+    assert (trainer.loss_type, trainer.args.simpo_gamma, trainer.args.cpo_alpha) == (loss_type, 0.7, pref["cpo_alpha"])
+    # One model loaded (the policy), no reference copy, and no "ref" adapter as DPO keeps with peft.
+    assert len(loads) == 1 and getattr(trainer, "ref_model", None) is None
+    assert list(trainer.model.peft_config) == ["default"]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps"] == 2 and m["reference_model"].startswith("none")
+    assert m["train_reward_accuracy_last"] is not None
+
+
+def test_cpo_takes_its_own_loss_types(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(4))
+    path = stage_recipe(tmp_path, "cpo", tiny_model, data, preference={"loss_type": "robust"})
+    with pytest.raises(UserError, match=r"cpo.yaml:\d+: preference.loss_type: cpo takes sigmoid \| hinge \| ipo \| simpo"):
+        load_recipe(path)

@@ -124,7 +124,7 @@ WORDING = [
     ("{}\n", ["train.lr=1e-4"], "--set train.lr=1e-4: unknown key 'train.lr'; did you mean 'train.learning_rate'?"),
     ("{}\n", ["learning_rate=1e-4"], "--set learning_rate=1e-4: unknown key 'learning_rate'; did you mean 'train.learning_rate'?"),
     ("{}\n", ["train.batch_size=x"], "--set train.batch_size=x: train.batch_size: must be 'auto' or a whole number"),
-    ("stage: sftt\n", [], ":1: stage: must be one of: 'sft', 'pt', 'rm', 'dpo', 'kto', 'orpo' or 'rl' (got 'sftt'); did you mean 'sft'?"),
+    ("stage: sftt\n", [], ":1: stage: must be one of: 'sft', 'pt', 'rm', 'dpo', 'kto', 'orpo', 'cpo' or 'rl' (got 'sftt'); did you mean 'sft'?"),
     ("method:\n  target_modules: 5\n", [], ":2: method.target_modules: must be 'auto' or 'all-linear' or a list (got 5)"),
     ("train:\n  max_steps: 2.5\n", [], ":2: train.max_steps: must be a whole number (got 2.5)"),
     ("model:\n  trust_remote_code: maybe\n", [], ":2: model.trust_remote_code: must be true or false (got 'maybe')"),

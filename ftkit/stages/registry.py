@@ -38,6 +38,9 @@ register(StageSpec("kto", "KTO on unpaired replies labelled desirable (true) or 
                    headline=(("train_reward_margin_last", "train margin"),)))
 register(StageSpec("orpo", "ORPO: SFT and preference in one loss, no reference model (TRL experimental).",
                    "ftkit.stages.preference", data_format="preference", preference=True, headline=_PREFERENCE_LOSS))
+register(StageSpec("cpo", "CPO or SimPO (preference.loss_type: simpo) on preference pairs, no reference model "
+                   "(TRL experimental).", "ftkit.stages.cpo", data_format="preference", preference=True,
+                   headline=_PREFERENCE_LOSS))
 register(StageSpec("rl", "Online RLHF (GRPO or RLOO) against a reward model and/or reward functions. "
                    "TRL 1.16 has no PPO.", "ftkit.stages.rl", data_format="prompt", preference=True,
                    headline=(("reward_mean_first_quarter", "reward first ¼"),
