@@ -1,14 +1,10 @@
-"""export: a run dir or model -> GGUF (llama.cpp runtimes) or a safetensors checkpoint, verified on the way out.
+"""export: a run dir or model -> GGUF (llama.cpp, Ollama, LM Studio) or a safetensors checkpoint, verified.
 
-LoRA run dirs are merged first with ftkit.merge (which proves its own merge). The written
-artifact is then loaded back the way a user would load it -- transformers'
-`from_pretrained(..., gguf_file=...)` or plain `from_pretrained` -- and its logits are compared
-with the source model's; the difference is printed and anything over the per-format
-tolerance fails the export (exit 1) with nothing left at the output path.
-
-GGUF layout follows llama.cpp's convert_hf_to_gguf for the llama architecture: tensor names
-from gguf's own name map, Q/K rows permuted to llama.cpp's rotary layout, 1-D tensors kept
-f32, the tokenizer as a gpt2-style BPE vocabulary with merges, token types and special ids.
+LoRA run dirs are merged first (ftkit.merge, streamed shard by shard). A GGUF is written by
+ftkit.gguf_writer, quantized by llama.cpp itself (ftkit.llamacpp) and then judged by the
+consumer: llama.cpp loads it and is compared with the source model on fixed prompts; an Ollama
+Modelfile is written beside it. A safetensors export is reloaded with transformers and its
+logits compared. Anything outside the stated tolerance fails (exit 1) with nothing written.
 """
 
 from __future__ import annotations
@@ -24,181 +20,16 @@ from ftkit.runmeta import is_adapter_dir
 from ftkit.merge import PROBES
 from ftkit.models import load_tokenizer, resolve_model
 
-GGUF_QUANTS = ("f32", "f16", "q8_0")
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 SAFETENSORS_QUANTS = ("f32", "f16", "bnb-4bit")
 
-# Max |logit difference| against the fp32 source on the probe prompts. f32 stores the same
-# numbers; f16 rounds each weight to 11 significant bits; q8_0 keeps 8 bits per weight with one
-# scale per 32; nf4 keeps 4 bits. Measured on the embedded 135M model (logits span ~+-20):
-# f32 0, f16 0.035, q8_0 1.06, bnb-4bit 13.1 (greedy next token still agrees on 100/100/100/67%).
-# The bounds leave ~1.5-2x headroom for fine-tuned weights; for 4-bit the check only catches
-# gross breakage (a file that no longer computes this model), not quality -- evaluate for that.
-TOLERANCE = {"f32": 1e-4, "f16": 0.25, "q8_0": 2.0, "bnb-4bit": 20.0}
-
-# What llama.cpp's llama loader and transformers' GGUF reader both understand.
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
-
-
-def _pre_tokenizer_name(tokenizer_json: dict) -> str:
-    """llama.cpp picks its pre-tokenizer regex by name (tokenizer.ggml.pre); name the one this tokenizer uses."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"
-    if kinds and kinds[0] == "Split":
-        regex = (steps[0].get("pattern") or {}).get("Regex", "")
-        if regex.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"):
-            return "llama-bpe"
-        if regex.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|"):
-            return "qwen2"
-    raise UserError(
-        f"the tokenizer's pre-tokenizer ({kinds or 'none'}) is not one llama.cpp knows by name; a GGUF would "
-        "tokenize differently from the model's training. Export with --format safetensors instead."
-    )
-
-
-def check_architecture(config) -> str:
-    """The GGUF architecture name, or a UserError saying why this model cannot be exported."""
-    archs = list(getattr(config, "architectures", None) or [])
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
-        raise UserError(
-            f"GGUF export supports {', '.join(SUPPORTED_ARCHITECTURES)}; this model is "
-            f"{', '.join(archs) or config.model_type}. Use --format safetensors for other architectures."
-        )
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise UserError(f"GGUF export: rope scaling {rope.get('rope_type')!r} is not supported yet "
-                        "(transformers' GGUF reader would drop it); use --format safetensors")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise UserError("GGUF export: llama with attention/mlp biases is not supported; use --format safetensors")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise UserError(f"GGUF export: llama with hidden_act={config.hidden_act!r} is not supported (llama.cpp uses silu)")
-    return SUPPORTED_ARCHITECTURES[arch]
-
-
-def _permute_rotary(w, n_head: int, n_head_kv: int | None):
-    """HF keeps rotary halves split ([x0..x63 | x64..]); llama.cpp wants them interleaved per head."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _rope_theta(config) -> float:
-    rope = getattr(config, "rope_parameters", None) or {}
-    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def _add_tokenizer(writer, model_dir: Path, tok, vocab_size: int) -> None:
-    import gguf
-
-    tj_path = model_dir / "tokenizer.json"
-    if not tj_path.is_file():
-        raise UserError(f"{model_dir}: no tokenizer.json; GGUF export needs a fast (tokenizers) BPE tokenizer")
-    tj = json.loads(tj_path.read_text(encoding="utf-8"))
-    model = tj.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
-        raise UserError(f"{tj_path}: GGUF export supports byte-level BPE tokenizers (gpt2-style) only")
-    pre = _pre_tokenizer_name(tj)
-
-    # Same scheme as llama.cpp's get_vocab_base: pad to the embedding size, special added
-    # tokens are CONTROL, other added tokens USER_DEFINED, padding UNUSED.
-    reverse = {i: t for t, i in tok.get_vocab().items()}
-    added = tok.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(reverse[i])
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(reverse[i])
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-    if tok.chat_template and not special.chat_template:
-        special.chat_template = tok.chat_template
-    # Say explicitly whether bos/eos wrap a prompt, as the HF tokenizer does; llama.cpp's default
-    # for a missing key differs between versions and vocab types.
-    ids = tok("x")["input_ids"]
-    special.add_special_token["bos"] = tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]
-    special.add_special_token["eos"] = tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id]
-    special.add_to_gguf(writer, quiet=True)
-
-
-def write_gguf(model, tok, model_dir: Path, out_file: Path, quant: str, name: str) -> None:
-    import gguf
-    import numpy as np
-    import torch
-
-    config = model.config
-    arch_name = check_architecture(config)
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch_name)
-    n_layers = config.num_hidden_layers
-    name_map = gguf.get_tensor_name_map(arch, n_layers)
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
-
-    writer = gguf.GGUFWriter(out_file, arch_name)
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(n_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(ftype)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_tokenizer(writer, model_dir, tok, config.vocab_size)
-
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reuses token_embd when output.weight is absent
-        base, suffix = hf_name.rsplit(".", 1)
-        gguf_base = name_map.get_name(base)
-        if gguf_base is None:
-            raise UserError(f"GGUF export: no llama.cpp name for tensor {hf_name}; use --format safetensors")
-        data = tensor.detach().to(torch.float32).cpu().numpy()
-        if base.endswith("q_proj"):
-            data = _permute_rotary(data, n_head, n_head)
-        elif base.endswith("k_proj"):
-            data = _permute_rotary(data, n_head, n_kv)
-        # llama.cpp keeps norms (1-D) in f32 at every file type; matrices take the requested type.
-        if data.ndim == 1 or quant == "f32":
-            qtype, out = gguf.GGMLQuantizationType.F32, data
-        elif quant == "f16":
-            qtype, out = gguf.GGMLQuantizationType.F16, data.astype(np.float16)
-        else:
-            qtype = gguf.GGMLQuantizationType.Q8_0
-            if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-                qtype, out = gguf.GGMLQuantizationType.F16, data.astype(np.float16)
-            else:
-                out = gguf.quants.quantize(data, qtype)
-        writer.add_tensor(f"{gguf_base}.{suffix}", out, raw_dtype=qtype)
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+# Max |logit difference| against the fp32 source on the probe prompts, for safetensors exports
+# (reloaded with transformers). f32 stores the same numbers; f16 rounds each weight to 11
+# significant bits; nf4 keeps 4 bits. Measured on the embedded 135M model (logits span ~+-20):
+# f32 0, f16 0.035, bnb-4bit 13.1 (greedy next token still agrees on 100/100/67%). For 4-bit the
+# check only catches gross breakage, not quality -- evaluate for that. GGUF files are judged by
+# llama.cpp instead (ftkit.llamacpp.MIN_AGREEMENT).
+TOLERANCE = {"f32": 1e-4, "f16": 0.25, "bnb-4bit": 20.0}
 
 
 def _probe(model, tok):
@@ -235,7 +66,7 @@ def _source(target: str, log):
         yield Path(resolve_model(target, log=log)), path.stem if path.exists() else target.replace("/", "-")
 
 
-def _check_args(fmt: str, quant: str, out: Path, overwrite: bool) -> None:
+def _check_args(fmt: str, quant: str, out: Path, overwrite: bool, imatrix_text: str | None) -> None:
     allowed = {"gguf": GGUF_QUANTS, "safetensors": SAFETENSORS_QUANTS}
     if fmt not in allowed:
         raise UserError(f"--format: must be gguf or safetensors, not {fmt!r}")
@@ -245,11 +76,51 @@ def _check_args(fmt: str, quant: str, out: Path, overwrite: bool) -> None:
         raise UserError(f"-o: a GGUF export is one file; name it *.gguf (got {out})")
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
         raise UserError(f"-o: {out} already exists; pass --overwrite to replace it")
+    if imatrix_text is not None:
+        if fmt != "gguf" or quant not in ("q6_k", "q5_k_m", "q4_k_m"):
+            raise UserError("--imatrix-text: an importance matrix guides k-quants only; use it with "
+                            "--format gguf --quantize q4_k_m | q5_k_m | q6_k")
+        if not Path(imatrix_text).expanduser().is_file():
+            raise UserError(f"--imatrix-text: {imatrix_text}: no such file (give a UTF-8 text file of calibration text)")
 
 
-def export(target: str, fmt: str, quant: str, output: str, overwrite: bool = False, log=print) -> dict:
+def _gguf_preflight(target: str) -> None:
+    """check_architecture on the config of what would be exported (a run's base), without loading weights."""
+    from transformers import AutoConfig
+
+    from ftkit.gguf_writer import check_architecture
+    from ftkit.inference import adapter_base_name
+
+    path = Path(target).expanduser()
+    if path.is_dir() and is_adapter_dir(path):
+        cfg_dir = resolve_model(adapter_base_name(path), log=lambda s: None)
+    elif path.is_dir() and (path / "config.json").is_file():
+        cfg_dir = path
+    else:
+        return  # aliases, hub ids and .gguf files are checked once resolved
+    check_architecture(AutoConfig.from_pretrained(cfg_dir))
+
+
+def _run_system(target: str) -> str | None:
+    """The recipe's data.system of a run dir (what the model was trained with), for the Modelfile's SYSTEM."""
+    import yaml
+
+    recipe = Path(target).expanduser() / "recipe.yaml"
+    if not recipe.is_file():
+        return None
+    data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    return (data.get("data") or {}).get("system")
+
+
+def export(target: str, fmt: str, quant: str, output: str, overwrite: bool = False, log=print,
+           imatrix_text: str | None = None) -> dict:
     out = Path(output).expanduser()
-    _check_args(fmt, quant, out, overwrite)  # before the heavy imports: a typo costs no time
+    _check_args(fmt, quant, out, overwrite, imatrix_text)  # before the heavy imports: a typo costs no time
+    if fmt == "gguf":
+        from ftkit.llamacpp import require
+
+        _gguf_preflight(target)  # an architecture llama.cpp cannot run is refused first, with its reason
+        require()  # then exit 2 with the install line, before any model loads
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -260,43 +131,94 @@ def export(target: str, fmt: str, quant: str, output: str, overwrite: bool = Fal
     out.parent.mkdir(parents=True, exist_ok=True)
     with _source(target, log) as (src_dir, name):
         if fmt == "gguf":
+            from ftkit.gguf_writer import check_architecture
+
             check_architecture(AutoConfig.from_pretrained(src_dir))  # exit 2 before any heavy work
         tok = load_tokenizer(str(src_dir))
         model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32)
         model.eval()
-        ref = _probe(model, tok)
-        with staged_dir(out) as tmp:
-            if fmt == "gguf":
-                gguf_file = tmp / out.name
-                log(f"writing GGUF ({quant}) ...")
-                write_gguf(model, tok, src_dir, gguf_file, quant, name)
-                del model
-                loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=out.name, dtype=torch.float32)
-            else:
-                loaded = _write_safetensors(model, tok, src_dir, tmp, quant, log)
-                del model
-            loaded.eval()
-            report = compare(ref, _probe(loaded, tok))
-            del loaded
-            report.update(format=fmt, quantize=quant, tolerance=TOLERANCE[quant], source=str(target))
-            log(f"verified by reloading with transformers: max |logit diff| vs source = "
-                f"{report['max_abs_logit_diff']:.3g} (tolerance {TOLERANCE[quant]:g}), greedy next-token "
-                f"agreement {report['top1_agreement']:.1%}")
-            if not report["max_abs_logit_diff"] <= TOLERANCE[quant]:
-                raise VerificationFailed(
-                    f"the {fmt} ({quant}) export does not reproduce the source model: max |logit diff| "
-                    f"{report['max_abs_logit_diff']:.3g} (tolerance {TOLERANCE[quant]:g}), top-1 agreement "
-                    f"{report['top1_agreement']:.1%}; nothing written to {out}"
-                )
-            if fmt == "gguf":
-                publish(gguf_file, out)
-            else:
-                (tmp / "ftkit_export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-                publish(tmp, out)
+        if fmt == "gguf":
+            report = _export_gguf(model, tok, src_dir, out, quant, name, _run_system(target), imatrix_text, log)
+        else:
+            report = _export_safetensors(model, tok, src_dir, out, quant, log)
+        report["source"] = str(target)
     size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     report["bytes"] = size
     log(f"[green]exported:[/] {out} ({size / 2**20:.1f} MiB)")
     return report
+
+
+def _export_safetensors(model, tok, src_dir: Path, out: Path, quant: str, log) -> dict:
+    ref = _probe(model, tok)
+    with staged_dir(out) as tmp:
+        loaded = _write_safetensors(model, tok, src_dir, tmp, quant, log)
+        loaded.eval()
+        report = compare(ref, _probe(loaded, tok))
+        del loaded
+        report.update(format="safetensors", quantize=quant, tolerance=TOLERANCE[quant])
+        log(f"verified by reloading with transformers: max |logit diff| vs source = "
+            f"{report['max_abs_logit_diff']:.3g} (tolerance {TOLERANCE[quant]:g}), greedy next-token "
+            f"agreement {report['top1_agreement']:.1%}")
+        if not report["max_abs_logit_diff"] <= TOLERANCE[quant]:
+            raise VerificationFailed(
+                f"the safetensors ({quant}) export does not reproduce the source model: max |logit diff| "
+                f"{report['max_abs_logit_diff']:.3g} (tolerance {TOLERANCE[quant]:g}), top-1 agreement "
+                f"{report['top1_agreement']:.1%}; nothing written to {out}")
+        (tmp / "ftkit_export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        publish(tmp, out)
+    return report
+
+
+def _export_gguf(model, tok, src_dir: Path, out: Path, quant: str, name: str, system: str | None,
+                 imatrix_text: str | None, log) -> dict:
+    """Write (f32), quantize (llama.cpp), verify (llama.cpp vs `model`), Modelfile; publish all or nothing."""
+    from ftkit import llamacpp
+    from ftkit.gguf_vocab import end_of_turn
+    from ftkit.gguf_writer import write_gguf
+    from ftkit.modelfile import write_modelfile
+
+    eot = end_of_turn(tok)
+    with staged_dir(out) as tmp:
+        f32 = tmp / ("model.f32.gguf" if quant != "f32" else out.name)
+        log("writing GGUF (f32) ...")
+        write_gguf(src_dir, f32, tok, "f32", name)
+        if quant != "f32":
+            imatrix = None
+            if imatrix_text:
+                from ftkit.imatrix import compute_imatrix
+
+                log(f"computing an importance matrix from {imatrix_text} ...")
+                imatrix = compute_imatrix(model, tok, src_dir, Path(imatrix_text).expanduser())
+            log(f"quantizing to {quant} with llama.cpp ...")
+            llamacpp.quantize(f32, tmp / out.name, quant, imatrix)
+            f32.unlink()
+            report = {"imatrix_tensors": len(imatrix) if imatrix else 0}
+        else:
+            report = {}
+        gguf_file = tmp / out.name
+        log("verifying with llama.cpp ...")
+        report.update(llamacpp.verify(gguf_file, model, tok, quant, eot), format="gguf", quantize=quant)
+        _log_gguf_report(report, log)
+        if report["failures"]:
+            raise VerificationFailed(f"llama.cpp does not reproduce the source model ({quant}): "
+                                     f"{'; '.join(report['failures'])}; nothing written to {out}")
+        mf = tmp / f"{out.stem}.Modelfile"
+        write_modelfile(mf, out.name, tok, [eot, tok.eos_token], system)
+        (tmp / f"{out.stem}.export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        for f in (mf, tmp / f"{out.stem}.export.json", gguf_file):  # the GGUF last: its presence means done
+            publish(f, out.parent / f.name)
+    log(f"Ollama: ollama create {out.stem} -f {out.parent / mf.name}")
+    return report
+
+
+def _log_gguf_report(r: dict, log) -> None:
+    log(f"verified by llama.cpp: next-token agreement {r['next_token_agreement']:.1%} over {r['positions']} "
+        f"positions (minimum {r['min_agreement']:.0%} for {r['quantize']}), greedy continuations identical "
+        f"{r['greedy_identical']}, tokenization {'identical' if not r['tokenization_mismatches'] else 'DIFFERS'}")
+    chat = r.get("chat")
+    if chat:
+        log(f"chat turn in llama.cpp: {chat['reply']!r} (finish_reason {chat['finish_reason']}; "
+            f"end-of-turn {r['end_of_turn']!r} {'stops' if r['end_of_turn_is_eog'] else 'DOES NOT stop'} generation)")
 
 
 def _write_safetensors(model, tok, src_dir: Path, tmp: Path, quant: str, log):

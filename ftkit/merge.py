@@ -1,8 +1,9 @@
 """merge-lora: fold W0 + BA into the base so inference costs nothing extra, and prove it.
 
-One model is held in memory at a time: reference logits come from base+adapter, then the
-same object is merged in place and probed again; the saved dir is reloaded with plain
-AutoModelForCausalLM to check that what landed on disk is what was verified.
+One model is held in memory at a time: reference logits come from base+adapter; a LoRA adapter
+is then merged tensor by tensor from the base's shards (ftkit.merge_stream, memory ~ one tensor),
+anything else (QLoRA's de-quantized base, DoRA) in memory by PEFT; the saved dir is reloaded with
+plain AutoModelForCausalLM to check that what landed on disk is what was verified.
 """
 
 from __future__ import annotations
@@ -117,6 +118,25 @@ def merge_inputs(src: Path, output: str, base: str | None, dtype: str, overwrite
     return out, base_name, base_dir, dtype, trust, tok
 
 
+def _write_merged(tmp: Path, model, ref, base_dir: str, src: Path, dtype: str, trust: bool, tok) -> float | None:
+    """Merged weights + tokenizer into `tmp`: streamed from the shards when the adapter allows (memory ~ one
+    tensor), else PEFT's merge_and_unload in memory; returns the in-memory merge's logit diff (None if streamed)."""
+    from peft import PeftModel
+
+    from ftkit.merge_stream import stream_merge
+
+    diff_in_memory = None
+    if model is not None or trust or not stream_merge(Path(base_dir), src, tmp, dtype):
+        if model is None:  # an adapter the streaming merge cannot express (DoRA, rank patterns, ...)
+            model = PeftModel.from_pretrained(load_causal_lm(base_dir, dtype, trust_remote_code=trust), str(src))
+        merged = model.merge_and_unload()
+        diff_in_memory = (_probe_logits(merged, tok) - ref).abs().max().item()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        del merged
+    tok.save_pretrained(tmp)
+    return diff_in_memory
+
+
 def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = "auto",
                overwrite: bool = False, log=print) -> dict:
     from peft import PeftModel
@@ -156,13 +176,12 @@ def merge_lora(adapter: str, output: str, base: str | None = None, dtype: str = 
         model = PeftModel.from_pretrained(model, str(src))
         model.eval()
         ref = _probe_logits(model, tok)
-    merged = model.merge_and_unload()
-    diff_in_memory = (_probe_logits(merged, tok) - ref).abs().max().item()
+        del model  # the merge streams from the shards; only the reference logits are kept
+        model = None
 
     with staged_dir(out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        del merged, model
+        diff_in_memory = _write_merged(tmp, model, ref, base_dir, src, dtype, trust, tok)
+        del model
         # Verify the artifact a user will load, with the plain transformers path.
         from transformers import AutoModelForCausalLM
 

@@ -1,4 +1,4 @@
-"""`ftkit serve` and `ftkit export`: registered on the main app by ftkit.cli (imports stay light here)."""
+"""`ftkit serve`, `ftkit export` and `ftkit push`: registered on the main app by ftkit.cli (imports stay light here)."""
 
 from __future__ import annotations
 
@@ -25,16 +25,32 @@ def serve(model: str = typer.Argument(..., help="Run dir, merged dir, model alia
 def export(model: str = typer.Argument(..., help="Run dir (LoRA is merged first), merged dir, alias or .gguf"),
            fmt: str = typer.Option(..., "--format", "-f", help="gguf | safetensors"),
            quantize: str = typer.Option("f16", "--quantize", "-q",
-                                        help="gguf: f32 | f16 | q8_0 · safetensors: f32 | f16 | bnb-4bit"),
+                                        help="gguf: f32 | f16 | bf16 | q8_0 | q6_k | q5_k_m | q4_k_m · "
+                                             "safetensors: f32 | f16 | bnb-4bit"),
            output: str = typer.Option(..., "--output", "-o", help="Output .gguf file, or dir for safetensors"),
+           imatrix_text: Optional[str] = typer.Option(None, "--imatrix-text",
+                                                      help="Calibration text file for an importance matrix (k-quants)"),
            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output")):
-    """Export for deployment (GGUF for llama.cpp/Ollama, or a 4-bit checkpoint) and verify it reloads."""
+    """Export for deployment (GGUF + Ollama Modelfile, checked by llama.cpp; or a 4-bit checkpoint)."""
     from ftkit.export import export as run_export
     from ftkit.ui import log
 
-    run_export(model, fmt, quantize, output, overwrite=overwrite, log=log)
+    run_export(model, fmt, quantize, output, overwrite=overwrite, log=log, imatrix_text=imatrix_text)
+
+
+def push(target: str = typer.Argument(..., help="Run dir (adapter), merged/model dir, or exported .gguf"),
+         repo: str = typer.Option(..., "--repo", help="Hub repository, org/name"),
+         private: bool = typer.Option(False, "--private", help="Create the repository private"),
+         token: Optional[str] = typer.Option(None, "--token", envvar="HF_TOKEN",
+                                             help="Hub token (default: HF_TOKEN or `hf auth login`)")):
+    """Upload an adapter, merged model or GGUF to the Hugging Face Hub with a model card."""
+    from ftkit.push import push as run_push
+    from ftkit.ui import log
+
+    run_push(target, repo, private=private, token=token, log=log)
 
 
 def register(app: typer.Typer, handle_errors) -> None:
     app.command()(handle_errors(serve))
     app.command()(handle_errors(export))
+    app.command()(handle_errors(push))
