@@ -89,7 +89,7 @@ def _gguf_preflight(target: str) -> None:
     from transformers import AutoConfig
 
     from ftkit.gguf_writer import check_architecture
-    from ftkit.inference import adapter_base_name
+    from ftkit.runmeta import adapter_base_name
 
     path = Path(target).expanduser()
     if path.is_dir() and is_adapter_dir(path):
