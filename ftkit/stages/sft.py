@@ -56,8 +56,9 @@ def build(recipe: Recipe, hw, use_cache: bool = True) -> Built:
 
 def config_args(recipe: Recipe, built: Built) -> dict:
     return dict(
-        max_length=recipe.data.max_length,
-        **built.info["fast"].kwargs,  # batch size and memory levers override the shared TrainingArguments
+        # Batch size, memory and padding-free levers override the shared TrainingArguments (and max_length:
+        # flat rows without packing take none).
+        **{"max_length": recipe.data.max_length, **built.info["fast"].kwargs},
         packing=recipe.data.packing,
         # bfd keeps sample boundaries and turns on padding-free batches with per-sample position_ids, from
         # which transformers builds a block-diagonal mask (sdpa/eager) or varlen kernels (flash attention):
