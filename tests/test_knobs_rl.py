@@ -53,12 +53,18 @@ def test_accuracy_reward_needs_the_answer_column(tiny_model, tmp_path):
         check(load_recipe(path))
 
 
-def test_dpo_precomputes_reference_log_probs(tiny_model, tmp_path, captured):
-    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(8))
-    run_stage(stage_recipe(tmp_path, "dpo", tiny_model, data, preference={"precompute_ref_log_probs": True}))
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_precomputed_reference_log_probs(tiny_model, tmp_path, captured, stage):
+    rows = pairs(8)
+    if stage == "kto":  # unpaired: each pair becomes a desirable and an undesirable reply
+        rows = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in rows
+                for k in ("chosen", "rejected")]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    run_stage(stage_recipe(tmp_path, stage, tiny_model, data, preference={"precompute_ref_log_probs": True}))
     trainer = captured[0]
     assert trainer.args.precompute_ref_log_probs
-    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(trainer.train_dataset.column_names)
+    want = {"ref_chosen_logps", "ref_rejected_logps"} if stage == "dpo" else {"ref_logps"}
+    assert want <= set(trainer.train_dataset.column_names)
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "sigmoid"])
@@ -77,7 +83,9 @@ def test_cpo_and_simpo_load_no_reference_model(tiny_model, tmp_path, captured, m
     monkeypatch.setattr(ftkit.models, "load_causal_lm", counting)
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs(8))
     pref = {"loss_type": loss_type, "cpo_alpha": 0.0 if loss_type == "simpo" else 1.0, "simpo_gamma": 0.7}
-    run = run_stage(stage_recipe(tmp_path, "cpo", tiny_model, data, preference=pref))
+    # CPO with PiSSA: the preference stages' save converts the adapter too (rank 2r on the original base).
+    method = {"type": "lora", "r": 4, "alpha": 8, "init": "pissa" if loss_type == "sigmoid" else "default"}
+    run = run_stage(stage_recipe(tmp_path, "cpo", tiny_model, data, preference=pref, method=method))
     trainer = captured[0]
     assert type(trainer).__name__ == "CPOTrainer"
     assert (trainer.loss_type, trainer.args.simpo_gamma, trainer.args.cpo_alpha) == (loss_type, 0.7, pref["cpo_alpha"])
@@ -87,6 +95,7 @@ def test_cpo_and_simpo_load_no_reference_model(tiny_model, tmp_path, captured, m
     m = json.loads((run / "metrics.json").read_text())
     assert m["steps"] == 2 and m["reference_model"].startswith("none")
     assert m["train_reward_accuracy_last"] is not None
+    assert json.loads((run / "adapter_config.json").read_text())["r"] == (8 if loss_type == "sigmoid" else 4)
 
 
 def test_cpo_takes_its_own_loss_types(tmp_path, tiny_model):
