@@ -106,6 +106,8 @@ def workload(device: str, work: Path, base: str | None, model: str = "1b", tiny:
             m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
         m.save_pretrained(model_dir)
         del m
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the variants run in their own processes and need this memory
         tok.save_pretrained(model_dir)
     rng = np.random.default_rng(0)
     words = [w for w in tok.get_vocab() if w.isalpha() and 3 <= len(w) <= 8][:5000]
