@@ -56,6 +56,9 @@ def check_recipe(recipe) -> None:
         if kind == "eva" and stage not in ("sft", "pt"):
             raise ValueError(f"method.init: eva runs its data pass on tokenized sft/pt rows; stage {stage} "
                              "has none (use pissa or default)")
+        if kind == "loftq" and stage not in ("sft", "pt"):
+            raise ValueError(f"method.init: loftq is wired for the sft and pt stages (it reads the base's "
+                             f"full-precision safetensors beside the 4-bit load), not {stage}")
         if kind in RESIDUAL_INITS and stage in ("dpo", "kto", "rl"):
             raise ValueError(f"method.init: {m.init} cannot be used in stage {stage}: its reference model is the "
                              f"policy with the adapter switched off, which after {kind} is the residual base, not "

@@ -69,6 +69,7 @@ def logits(model, ids):
     ({"method": {"type": "prefix", "loraplus_lr_ratio": 16}}, "method.loraplus_lr_ratio applies"),
     ({"stage": "dpo", "method": {"init": "pissa"}}, "residual base"),
     ({"stage": "dpo", "method": {"init": "eva"}}, "eva runs its data pass"),
+    ({"stage": "orpo", "method": {"type": "qlora", "init": "loftq"}}, "loftq is wired for the sft and pt"),
     ({"stage": "dpo", "train": {"neftune_noise_alpha": 5}}, "train.neftune_noise_alpha applies"),
     ({"train": {"optim": "galore_adamw"}}, "method.type: full, not lora"),
     ({"method": {"type": "full"}, "train": {"optim": "galore_adam"}}, "not a GaLore/APOLLO optimizer"),
