@@ -16,7 +16,7 @@ from rich.console import Console
 
 from ftkit import __version__
 from ftkit.choices import as_enum
-from ftkit.commands import bench, deploy, evaluate, rlhf, train
+from ftkit.commands import bench, deploy, evaluate, plan, rlhf, train
 from ftkit.commands.common import Dtype, OverwriteOpt, SetOpt, bare_resume_as_latest, err, handle_errors, load
 from ftkit.commands.data import app as data_app
 from ftkit.errors import UserError
@@ -224,6 +224,7 @@ def quickstart(output: str = typer.Option("runs/quickstart", "--output", "-o"),
 
 app.add_typer(data_app, name="data")  # a typer sub-app; imports no torch
 app.command("bench")(handle_errors(bench.bench_command))
+app.command("plan")(handle_errors(plan.plan_command))
 deploy.register(app, handle_errors)
 rlhf.register(app)
 

@@ -371,6 +371,11 @@ class Recipe(_Strict):
     distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="multi-process strategy for --num-processes N / accelerate launch (ddp: plain data parallel)"
     )
+    distributed_timeout: int = Field(
+        600, gt=0, description="seconds a rank waits for the others (a collective, or node 0 at the rendezvous) "
+        "before the whole job stops with a message naming the rank that stopped")
+    zero_stage: Literal[2, 3] = Field(
+        2, description="distributed: deepspeed: ZeRO stage 2 (shard optimizer state + gradients) or 3 (also weights)")
     preference: PreferenceSection = Field(default_factory=PreferenceSection,
                                           description="rm, dpo, kto, orpo, cpo settings")
     rl: RLSection = Field(default_factory=RLSection, description="rl stage settings (rewards, sampling)")
@@ -394,6 +399,8 @@ class Recipe(_Strict):
         if self.train.low_memory and self.train.activation_checkpointing is False:
             raise ValueError("train.low_memory: true turns activation checkpointing on; "
                              "drop train.activation_checkpointing: false")
+        if "zero_stage" in self.model_fields_set and self.distributed != "deepspeed":
+            raise ValueError(f"zero_stage applies to distributed: deepspeed, not {self.distributed}")
         return self
 
     @model_validator(mode="after")
@@ -414,6 +421,8 @@ class Recipe(_Strict):
         naming one is an error (so the written recipe loads again and reproduces the run)."""
         data = self.model_dump(mode="json")
         data["method"] = {k: v for k, v in data["method"].items() if _method_field_applies(k, self.method.type)}
+        if self.distributed != "deepspeed":
+            data.pop("zero_stage")
         return yaml.safe_dump(data, sort_keys=False)
 
 

@@ -21,6 +21,10 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing non-
 NoCacheOpt = typer.Option(False, "--no-cache", help="Re-tokenize the data even if a cached copy exists")
 NumProcessesOpt = typer.Option(1, "--num-processes", "-n", min=1,
                                help="Processes (GPUs) to train on; >1 re-runs this command under torchrun")
+NnodesOpt = typer.Option(1, "--nnodes", min=1, help="Machines in a multi-node run (each runs -n processes)")
+NodeRankOpt = typer.Option(0, "--node-rank", min=0, help="This machine's index, 0 .. nnodes-1 (node 0 writes the run dir)")
+MasterAddrOpt = typer.Option(None, "--master-addr", metavar="HOST", help="Address of node 0, the same on every node")
+MasterPortOpt = typer.Option(None, "--master-port", metavar="PORT", help="Port on node 0 for the rendezvous (default 29500)")
 ResumeOpt = typer.Option(None, "--resume", metavar="[PATH]",
                          help="Continue the interrupted run from its latest checkpoint, or from PATH (--resume=PATH)")
 JsonOpt = typer.Option(False, "--json", help="Print one machine-readable summary line on stdout at the end")

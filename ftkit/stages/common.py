@@ -125,6 +125,10 @@ def distributed_kwargs(recipe: Recipe) -> dict:
     """TrainingArguments for recipe.distributed; ddp needs none (the Trainer wraps the model itself)."""
     if world_size() == 1:
         return {}  # one process has nothing to shard; the same recipe still runs anywhere
+    return {"ddp_timeout": recipe.distributed_timeout, **_strategy_kwargs(recipe)}
+
+
+def _strategy_kwargs(recipe: Recipe) -> dict:
     if recipe.distributed == "fsdp":
         # FSDP2 shards each decoder layer; LoRA's frozen base and trainable adapters share those shards.
         return {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
@@ -135,7 +139,8 @@ def distributed_kwargs(recipe: Recipe) -> dict:
         except ImportError:
             raise UserError(f"{recipe.where('distributed')}: distributed: deepspeed needs the deepspeed package "
                             "(pip install deepspeed; it needs a CUDA toolkit)") from None
-        return {"deepspeed": dict(DEEPSPEED_ZERO2)}
+        zero = {**DEEPSPEED_ZERO2["zero_optimization"], "stage": recipe.zero_stage}
+        return {"deepspeed": {**DEEPSPEED_ZERO2, "zero_optimization": zero}}
     return {}
 
 

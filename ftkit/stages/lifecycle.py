@@ -58,6 +58,10 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
     progress = attach_progress(trainer, work / "metrics.jsonl")
     for cb in built.callbacks:
         trainer.add_callback(cb)
+    if world_size() > 1:
+        from ftkit.distributed import heartbeat_callback
+
+        trainer.add_callback(heartbeat_callback())  # lets a rank whose peer stopped say which one
     evaluate = getattr(stage, "evaluate", None)
     with explain_oom(recipe):
         before = evaluate(trainer, built, "before") if evaluate else {}

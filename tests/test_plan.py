@@ -1,0 +1,78 @@
+"""`ftkit plan`: exact parameter counts from a meta-device model, and memory arithmetic that follows the
+recipe (method, strategy, checkpointing, GPUs). Its error against measured peaks is in benchmarks/."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import ftkit, write_recipe
+
+from ftkit.plan import parse_size, plan
+from ftkit.recipe import load_recipe
+
+
+def _recipe(tmp_path, tiny_model, chat_file, *sets: str):
+    path = write_recipe(tmp_path / "r.yaml", tiny_model, chat_file)
+    return load_recipe(path, list(sets))
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "prompt"])
+def test_counts_equal_the_loaded_model(tmp_path, tiny_model, chat_file, method):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftkit.methods import apply_method, count_params
+
+    sets = () if method == "lora" else (f"method={{type: {method}}}",)
+    r = _recipe(tmp_path, tiny_model, chat_file, *sets)
+    p = plan(r)
+    model = apply_method(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), r.method,
+                         log=lambda _s: None)
+    real = count_params(model)
+    assert (p.total_params, p.trainable_params) == (real["total_params"], real["trainable_params"])
+
+
+def test_memory_follows_the_recipe(tmp_path, tiny_model, chat_file):
+    base = _recipe(tmp_path, tiny_model, chat_file, "model.dtype=bfloat16")
+    lora = plan(base, gpus=1)
+    full = plan(_recipe(tmp_path, tiny_model, chat_file, "model.dtype=bfloat16", "method={type: full}"), gpus=1)
+    qlora = plan(_recipe(tmp_path, tiny_model, chat_file, "model.dtype=bfloat16", "method.type=qlora"), gpus=1)
+    assert full.optimizer == 2 * 2 * full.trainable_params  # Adam: two bf16 states per weight
+    assert lora.gradients == 4 * lora.trainable_params  # adapters train in fp32
+    assert qlora.trainable_params == lora.trainable_params
+    # The tiny model is mostly embeddings, which QLoRA keeps in fp32: 4-bit does not pay there.
+    assert qlora.weights > lora.weights
+    ckpt = plan(_recipe(tmp_path, tiny_model, chat_file, "model.dtype=bfloat16",
+                        "train.activation_checkpointing=true"), gpus=1)
+    assert ckpt.activations < lora.activations
+    full_fsdp = plan(_recipe(tmp_path, tiny_model, chat_file, "model.dtype=bfloat16", "method={type: full}",
+                             "distributed=fsdp"), gpus=4)
+    assert full_fsdp.weights == full.weights // 4 and full_fsdp.optimizer == full.optimizer // 4
+    zero2 = plan(_recipe(tmp_path, tiny_model, chat_file, "model.dtype=bfloat16", "method={type: full}",
+                         "distributed=deepspeed"), gpus=4)
+    assert zero2.weights == full.weights and zero2.optimizer == full.optimizer // 4
+    assert plan(base, gpus=1, gpu_memory=full.total).fits is True
+    assert plan(base, gpus=1, gpu_memory=lora.total - 1).fits is False
+
+
+def test_qlora_saves_on_a_real_shape(tmp_path, embedded_dir, chat_file):
+    lora = plan(_recipe(tmp_path, embedded_dir, chat_file, "model.dtype=bfloat16"), gpus=1)
+    qlora = plan(_recipe(tmp_path, embedded_dir, chat_file, "model.dtype=bfloat16", "method.type=qlora"), gpus=1)
+    assert lora.total_params == 134_515_008 + lora.trainable_params  # SmolLM2-135M, tied embeddings
+    assert qlora.weights < 0.7 * lora.weights
+
+
+def test_parse_size():
+    assert parse_size("80GiB") == parse_size("80GB") == parse_size("80g") == 80 * 2**30
+    assert parse_size("40960MiB") == 40 * 2**30
+
+
+def test_cli_json_and_bad_size(tmp_path, tiny_model, chat_file):
+    path = write_recipe(tmp_path / "r.yaml", tiny_model, chat_file)
+    res = ftkit("plan", str(path), "--gpus", "8", "--gpu-memory", "80GiB", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["world_size"] == 8 and out["fits"] is True and out["total"] > out["weights"] > 0
+    bad = ftkit("plan", str(path), "--gpu-memory", "lots")
+    assert bad.returncode == 2 and "--gpu-memory 'lots'" in bad.stderr and "Traceback" not in bad.stderr

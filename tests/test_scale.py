@@ -1,0 +1,162 @@
+"""Past one process: two "nodes" (torchrun agents on 127.0.0.1, gloo), a rank killed mid-run, bad
+multi-node options, a node 0 that never comes, and the strategy checks that run before loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from ci_helpers import adapter_tensors, max_abs_diff, recipe
+from conftest import CHAT_ROWS, REPO, ftkit
+
+# float32 on every CPU (with or without bf16), so one process and two agree to float noise.
+TRAIN = {"max_steps": 3, "learning_rate": 1e-3, "seed": 3}
+METHOD = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+
+
+def _popen(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ftkit", *args], cwd=REPO, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scale")
+    path = tmp / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
+    return tmp, path
+
+
+def test_two_nodes_match_one_process(data, tiny_model):
+    tmp, path = data
+    model = {"name": str(tiny_model), "dtype": "float32"}
+    one = recipe(tmp / "one.yaml", tiny_model, path, model=model, train={**TRAIN, "batch_size": 4}, method=METHOD,
+                 output={"dir": str(tmp / "one")})
+    two = recipe(tmp / "two.yaml", tiny_model, path, model=model, train={**TRAIN, "batch_size": 2}, method=METHOD,
+                 output={"dir": str(tmp / "two")})
+    port = str(_free_port())
+    common = ("sft", str(two), "-n", "1", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port)
+    node0 = _popen(*common, "--node-rank", "0", "--json")
+    node1 = _popen(*common, "--node-rank", "1")
+    single = ftkit("sft", str(one))
+    out0, err0 = node0.communicate(timeout=600)
+    out1, err1 = node1.communicate(timeout=600)
+    assert single.returncode == 0, single.stderr
+    assert node0.returncode == 0, err0
+    assert node1.returncode == 0, err1
+    # Every rank names itself; node 0 holds rank 0 and alone reports (and writes the run dir).
+    assert re.search(r"rank 0 \(on .+, node 0, pid \d+\) of 2", err0)
+    assert re.search(r"rank 1 \(on .+, node 1, pid \d+\) of 2", err1)
+    assert json.loads(out0.strip().splitlines()[-1])["status"] == "ok" and out1.strip() == ""
+    assert "done in" in err0 and "done in" not in err1
+    m = json.loads((tmp / "two" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["global_batch_size"] == 4 and m["steps"] == 3
+    diff = max_abs_diff(adapter_tensors(tmp / "one"), adapter_tensors(tmp / "two"))
+    assert diff < 1e-6, f"two nodes x 1 process vs one process: max abs diff {diff}"
+
+
+def _collect(proc: subprocess.Popen) -> list[str]:
+    lines: list[str] = []
+    proc.reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    proc.reader.start()
+    return lines
+
+
+def test_a_killed_rank_ends_the_job_and_is_named(data, tiny_model):
+    tmp, path = data
+    r = recipe(tmp / "kill.yaml", tiny_model, path, train={"max_steps": 100000, "batch_size": 2},
+               output={"dir": str(tmp / "kill")})
+    proc, lines, pid = _start_and_find_rank1(tmp, r)
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    try:
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    took = time.time() - t0
+    proc.reader.join(timeout=10)
+    err = "".join(lines)
+    assert proc.returncode == 1, err
+    assert f"error: rank 1 (on {socket.gethostname()}, node 0, pid {pid}) was killed by SIGKILL" in err
+    assert took < 15, f"the job took {took:.1f}s to end after rank 1 died"
+    assert not (tmp / "kill").exists(), "no run dir under the final name"
+
+
+def _start_and_find_rank1(tmp: Path, r: Path, *extra: str):
+    """Start a 2-process run; return (proc, stderr lines, rank 1's pid) once training is under way."""
+    proc = _popen("sft", str(r), "-n", "2", *extra)
+    lines = _collect(proc)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = re.search(r"rank 1 \(on [^(),\n]+, node 0, pid (\d+)\)", "".join(lines))
+        if found and (tmp / f"{r.stem}.partial" / "metrics.jsonl").is_file():
+            return proc, lines, int(found.group(1))
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("training never started:\n" + "".join(lines))
+
+
+def test_a_hung_rank_is_named_within_the_timeout(data, tiny_model):
+    tmp, path = data
+    r = recipe(tmp / "hang.yaml", tiny_model, path, train={"max_steps": 100000, "batch_size": 2},
+               output={"dir": str(tmp / "hang")}, distributed_timeout=5)
+    proc, lines, pid = _start_and_find_rank1(tmp, r)
+    os.kill(pid, signal.SIGSTOP)  # alive but silent: what a deadlocked rank looks like to the others
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 60 and "a collective timed out" not in "".join(lines):
+            time.sleep(0.2)
+        took = time.time() - t0
+    finally:
+        os.kill(pid, signal.SIGKILL)  # spare torchrun's 30 s grace for the stopped rank
+        proc.wait(timeout=60)
+    proc.reader.join(timeout=10)
+    err = "".join(lines)
+    assert re.search(rf"error: rank 0 \(on [^()\n]+\): a collective timed out \(distributed_timeout 5 s\); rank 1 "
+                     rf"\(on [^()\n]+, node 0, pid {pid}\) stopped after step \d+", err), err
+    assert took < 5 + 15, f"named after {took:.1f}s with distributed_timeout 5"
+    assert proc.returncode == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--nnodes", "2"), "every node needs --master-addr HOST"),
+    (("--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1"), "--node-rank 2: must be between 0 and"),
+    (("--node-rank", "1"), "--node-rank 1: must be between 0 and --nnodes - 1 (0)"),
+    (("--nnodes", "2", "--master-addr", "h", "--master-port", "70000"), "a TCP port is 1-65535"),
+])
+def test_bad_multinode_options_exit_2(data, tiny_model, args, message):
+    tmp, path = data
+    r = recipe(tmp / "opts.yaml", tiny_model, path, output={"dir": str(tmp / "opts")})
+    res = ftkit("sft", str(r), *args)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_node0_never_answers(data, tiny_model):
+    tmp, path = data
+    r = recipe(tmp / "alone.yaml", tiny_model, path, output={"dir": str(tmp / "alone")}, distributed_timeout=2)
+    port = _free_port()
+    res = ftkit("sft", str(r), "-n", "1", "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                "--master-port", str(port))
+    assert res.returncode == 1
+    assert f"error: node 1 could not join node 0 at 127.0.0.1:{port}" in res.stderr
+    assert "Traceback" not in res.stderr and "frame #" not in res.stderr
