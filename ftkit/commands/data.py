@@ -181,7 +181,7 @@ def convert(src: str = typer.Argument(..., metavar="IN", help="Data file to conv
             role: Optional[List[str]] = typer.Option(None, "--role", help="your_role=user|assistant|... (repeatable)"),
             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file")):
     """Convert a data file between formats (e.g. sharegpt -> messages)."""
-    from ftkit.data.formats import Columns, from_canonical, to_canonical
+    from ftkit.data.formats import flag_columns, from_canonical, to_canonical
     from ftkit.data.sources import read_rows
     from ftkit.errors import UserError
 
@@ -193,11 +193,7 @@ def convert(src: str = typer.Argument(..., metavar="IN", help="Data file to conv
     path = Path(src)
     if not path.exists():
         raise UserError(f"{src}: file not found")
-    roles = _pairs(role, "--role")
-    bad = [f"{k}={v}" for k, v in roles.items() if v not in ("user", "assistant", "system", "tool")]
-    if bad:
-        raise UserError(f"--role {bad[0]}: map onto user, assistant, system or tool")
-    cols = Columns(_pairs(column, "--column"), roles)
+    cols = flag_columns(column, role, "--from")
     fmt, items = to_canonical(read_rows(path), from_.value, cols, None, recipe_where="--column")
     converted = [from_canonical(item, to.value) for item in items]  # all or nothing: errors before writing
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -210,14 +206,3 @@ def convert(src: str = typer.Argument(..., metavar="IN", help="Data file to conv
     os.replace(tmp, dest)
     _log(f"[green]ok[/] {len(converted)} rows {fmt} -> {to.value}: {dest}")
 
-
-def _pairs(items, flag: str) -> dict[str, str]:
-    from ftkit.errors import UserError
-
-    outd = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"{flag} {item!r}: expected name=value")
-        k, v = item.split("=", 1)
-        outd[k.strip()] = v.strip()
-    return outd

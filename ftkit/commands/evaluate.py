@@ -21,6 +21,10 @@ def eval_command(
     target: str = typer.Argument(..., help="Run dir, merged dir, model alias or hub id"),
     data: List[str] = typer.Option(..., "--data", "-d", help="Eval data file (repeatable); any training format"),
     fmt: EvalFormat = typer.Option("auto", "--format", help="Row format of the data files"),
+    column: Optional[List[str]] = typer.Option(None, "--column", help="format_col=your_col: map your column names "
+                                               "onto the format's, e.g. instruction=question (repeatable)"),
+    role: Optional[List[str]] = typer.Option(None, "--role", help="your_role=user|assistant|system|tool "
+                                             "(repeatable)"),
     max_length: int = typer.Option(1024, "--max-length", min=9, help="Tokens per row (longer rows are truncated)"),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Reply length for the reply metrics"),
@@ -42,7 +46,7 @@ def eval_command(
     (--metric; the same names work in --fail-if)."""
     from rich.table import Table
 
-    from ftkit.data.formats import to_canonical
+    from ftkit.data.formats import flag_columns, to_canonical
     from ftkit.data.sources import read_rows
     from ftkit.evaluate import evaluate_rows
     from ftkit.hardware import detect
@@ -57,6 +61,7 @@ def eval_command(
         metrics.append("regex")
     if "regex" in metrics and not regex:
         raise UserError("--metric regex needs --regex PATTERN (the part of each reply to compare)")
+    cols = flag_columns(column, role, "--format")
     rows = []
     for item in data:
         path = Path(item).expanduser()
@@ -65,7 +70,7 @@ def eval_command(
         rows += read_rows(path)
     if not rows:
         raise UserError(f"--data {', '.join(data)}: no rows")
-    _, canonical = to_canonical(rows[:limit] if limit else rows, fmt.value, {}, None, recipe_where="--format")
+    _, canonical = to_canonical(rows[:limit] if limit else rows, fmt.value, cols, None, recipe_where="--column")
     if output:
         out_path = Path(output).expanduser()
         if not out_path.parent.is_dir():

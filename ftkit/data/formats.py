@@ -15,7 +15,8 @@ import json
 
 from ftkit.data.chat import norm_tools, turn_extras
 from ftkit.data.registry import (AUTO_ORDER, CONVERTERS, FORMAT_COLUMNS, INNER_KEYS, ROLE_ALIASES,  # noqa: F401
-                                 Columns, detect_format, get_column, register_format)
+                                 Advice, Columns, advice_of, detect_format, flag_columns,
+                                 get_column, register_format)
 from ftkit.data.sources import Row
 from ftkit.errors import UserError
 
@@ -34,7 +35,7 @@ def _role(row: Row, role, i: int, columns: Columns) -> str:
         known = sorted(set(ROLE_ALIASES) | set(roles))
         raise UserError(
             f"{row.where}: turn {i + 1} has unknown role {role!r}; known roles: {', '.join(known)}. "
-            f"Map yours with data.roles, e.g. roles: {{{role if isinstance(role, str) else 'name'}: assistant}}"
+            f"Map yours with {advice_of(columns).map_role(role if isinstance(role, str) else 'name')}"
         )
     return ROLE_ALIASES[role.lower()]
 
@@ -124,24 +125,26 @@ def check_columns_mapping(columns: dict[str, str], fmt: str, where: str) -> None
     unknown = [c for c in columns if c not in known]
     if unknown:
         raise UserError(
-            f"{where}: data.columns maps {', '.join(map(repr, unknown))}, which format {fmt} does not read; "
-            f"its columns: {', '.join(known)}"
+            f"{where}: {advice_of(columns).columns} maps {', '.join(map(repr, unknown))}, which format {fmt} "
+            f"does not read; its columns: {', '.join(known)}"
         )
 
 
 def to_canonical(rows: list[Row], fmt: str, columns: dict[str, str], system: str | None,
                  recipe_where: str = "recipe", roles: dict[str, str] | None = None) -> tuple[str, list[dict]]:
-    """Convert rows; returns (format used, canonical rows with a 'where' key each)."""
-    cols = columns if isinstance(columns, Columns) and roles is None else Columns(columns, roles)
+    """Convert rows; returns (format used, canonical rows with a 'where' key each).
+
+    `recipe_where` prefixes mapping errors; a Columns' `advice` words their fixes (recipe keys or flags)."""
+    cols = columns if isinstance(columns, Columns) and roles is None else Columns(columns, roles, advice_of(columns))
     if fmt == "auto":
         fmt = detect_format(rows[0], cols)
         # Mixed sources may each have another format: a mapping only has to fit some format.
         everything = {c for f in FORMAT_COLUMNS for c in (*FORMAT_COLUMNS[f], *INNER_KEYS.get(f, ()))}
         stray = [c for c in cols if c not in everything]
         if stray:
-            check_columns_mapping({c: cols[c] for c in stray}, fmt, recipe_where)
+            check_columns_mapping(Columns({c: cols[c] for c in stray}, advice=cols.advice), fmt, recipe_where)
     elif fmt not in CONVERTERS:
-        raise UserError(f"{recipe_where}: unknown data.format {fmt!r}; one of: {', '.join(CONVERTERS)}")
+        raise UserError(f"{recipe_where}: unknown {cols.advice.format} {fmt!r}; one of: {', '.join(CONVERTERS)}")
     else:
         check_columns_mapping(cols, fmt, recipe_where)
     convert = CONVERTERS[fmt]
@@ -155,7 +158,7 @@ def to_canonical(rows: list[Row], fmt: str, columns: dict[str, str], system: str
                 raise UserError(
                     f"{row.where}: the conversation has no assistant turn, so there is nothing to learn from "
                     f"(roles: {', '.join(m['role'] for m in item['messages'])}); if your assistant role has "
-                    "another name, map it with data.roles"
+                    f"another name, map it with {cols.advice.map_role('<your_role>')}"
                 )
         item["where"] = row.where
         out.append(item)

@@ -11,7 +11,7 @@ tokenizer has no chat template (a base model), as TRL's non-conversational datas
 
 from __future__ import annotations
 
-from ftkit.data.registry import ROLE_ALIASES, get_column, register_format
+from ftkit.data.registry import ROLE_ALIASES, advice_of, get_column, register_format
 from ftkit.data.sources import Row
 from ftkit.errors import UserError
 
@@ -76,7 +76,7 @@ def _from_preference(row: Row, columns: dict) -> dict:
             n += 1
         if n == 0 or p1 or p2:
             raise UserError(f"{row.where}: no 'prompt' column, and chosen/rejected are not conversations sharing "
-                            "their opening turns; add a prompt column (or map one with data.columns)")
+                            f"their opening turns; add a prompt column (or map one: {advice_of(columns).map_column('prompt')})")
         prompt, chosen, rejected, p0 = chosen[:n], chosen[n:], rejected[n:], False
     else:
         prompt, p0 = _prompt(row, "preference", columns)
