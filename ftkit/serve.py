@@ -330,7 +330,7 @@ def _whole_reply(engine: Engine, kind: str, rid: str, now: int, req: _Sampling, 
 
 
 def _stream_events(engine: Engine, kind: str, rid: str, now: int, req: _Sampling, prompts: list[list[int]],
-                   budgets: list[int], strip: bool):
+                   budgets: list[int], strip: bool, usage: dict):
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def chunk(i: int, text: str | None, finish: str | None, first: bool = False, delta: dict | None = None) -> dict:
@@ -357,6 +357,7 @@ def _stream_events(engine: Engine, kind: str, rid: str, now: int, req: _Sampling
                 for piece in engine.stream(ids, budget, req, strip, outcome):
                     yield _sse(chunk(i, piece, None))
             completion += outcome.completion_tokens
+            usage["completion_tokens"] = completion
             yield _sse(chunk(i, None, outcome.finish_reason))
         if req.stream_options and req.stream_options.include_usage:
             p = sum(len(x) for x in prompts)
@@ -370,7 +371,7 @@ def _stream_events(engine: Engine, kind: str, rid: str, now: int, req: _Sampling
 
 
 def _respond(engine: Engine, kind: str, req: _Sampling, prompts: list[list[int]], max_tokens: int | None,
-             strip: bool):
+             strip: bool, usage: dict):
     from fastapi.responses import StreamingResponse
 
     engine.check_model(req.model)
@@ -379,9 +380,12 @@ def _respond(engine: Engine, kind: str, req: _Sampling, prompts: list[list[int]]
     budgets = [engine.budget(len(ids), max_tokens) for ids in prompts]
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     now = int(time.time())
+    usage.update(prompt_tokens=sum(len(ids) for ids in prompts), completion_tokens=0)  # for the request log
     if not req.stream:
-        return _whole_reply(engine, kind, rid, now, req, prompts, budgets, strip)
-    return StreamingResponse(_stream_events(engine, kind, rid, now, req, prompts, budgets, strip),
+        reply = _whole_reply(engine, kind, rid, now, req, prompts, budgets, strip)
+        usage.update(reply["usage"])
+        return reply
+    return StreamingResponse(_stream_events(engine, kind, rid, now, req, prompts, budgets, strip, usage),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -400,6 +404,13 @@ async def _parse(request, schema):
     except ValidationError as exc:
         message, param = _validation_message(exc.errors())
         raise APIError(400, message, param=param) from None
+
+
+def _usage(request) -> dict:
+    """Where a request's token counts go for the request log (a throwaway dict when nothing logs)."""
+    from ftkit.serve_log import USAGE_KEY
+
+    return request.scope.get(USAGE_KEY, {})
 
 
 def build_app(engine: Engine, api_key: str | None = None):
@@ -426,28 +437,28 @@ def build_app(engine: Engine, api_key: str | None = None):
         engine.check_model(model_id)
         return model_card()
 
-    def chat(req: ChatRequest):
+    def chat(req: ChatRequest, usage: dict):
         engine.check_model(req.model)
         prompts = [engine.chat_ids(req.messages, req.tools)]
-        return _respond(engine, "chat", req, prompts, req.max_completion_tokens or req.max_tokens, strip=True)
+        return _respond(engine, "chat", req, prompts, req.max_completion_tokens or req.max_tokens, True, usage)
 
-    def completion(req: CompletionRequest):
+    def completion(req: CompletionRequest, usage: dict):
         engine.check_model(req.model)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not texts:
             raise APIError(400, "prompt must not be empty", param="prompt")
         prompts = [engine.text_ids(t) for t in texts]
         # Raw continuation keeps its leading space ("The capital is" -> " Paris"), unlike a chat reply.
-        return _respond(engine, "completion", req, prompts, req.max_tokens, strip=False)
+        return _respond(engine, "completion", req, prompts, req.max_tokens, False, usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         # Generation blocks; it runs in the worker pool so the event loop keeps answering (health, errors).
-        return await run_in_threadpool(chat, await _parse(request, ChatRequest))
+        return await run_in_threadpool(chat, await _parse(request, ChatRequest), _usage(request))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await run_in_threadpool(completion, await _parse(request, CompletionRequest))
+        return await run_in_threadpool(completion, await _parse(request, CompletionRequest), _usage(request))
 
     return app
 
@@ -467,7 +478,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          name: str | None = None, base: str | None = None, log=print) -> None:
+          name: str | None = None, base: str | None = None, log=print, quiet: bool = False) -> None:
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -477,6 +488,7 @@ def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
 
     from ftkit.hardware import detect
     from ftkit.inference import load_for_inference
+    from ftkit.serve_log import with_request_log
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port: {port} is not a TCP port (0-65535)")
@@ -497,7 +509,7 @@ def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
         log(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this port can use it")
     log(f"serving [bold]{served}[/] on http://{host}:{bound}/v1 (OpenAI-compatible; model id {served!r})"
         + (" · api key required" if api_key else "") + " · Ctrl-C to stop")
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="off",
+    config = uvicorn.Config(with_request_log(app, quiet), log_level="warning", timeout_graceful_shutdown=5, lifespan="off",
                             timeout_keep_alive=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -14,12 +14,14 @@ def serve(model: str = typer.Argument(..., help="Run dir, merged dir, model alia
                                                 help="Require 'Authorization: Bearer KEY' on every request "
                                                      "(or set FTKIT_API_KEY)"),
           name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: dir name)"),
-          base: Optional[str] = typer.Option(None, "--base", help="Base model for an adapter dir")):
+          base: Optional[str] = typer.Option(None, "--base", help="Base model for an adapter dir"),
+          quiet: bool = typer.Option(False, "--quiet", help="No log line per request (method, path, status, "
+                                                            "tokens, ms) on stderr")):
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
     from ftkit.serve import serve as run_server
     from ftkit.ui import log
 
-    run_server(model, host=host, port=port, api_key=api_key, name=name, base=base, log=log)
+    run_server(model, host=host, port=port, api_key=api_key, name=name, base=base, log=log, quiet=quiet)
 
 
 def export(model: str = typer.Argument(..., help="Run dir (LoRA is merged first), merged dir, alias or .gguf"),
