@@ -73,7 +73,10 @@ def add_tokenizer(writer, model_dir: Path, tok, vocab_size: int) -> None:
     tj_path = model_dir / "tokenizer.json"
     if not tj_path.is_file():
         raise UserError(f"{model_dir}: no tokenizer.json; GGUF export needs a fast (tokenizers) BPE tokenizer")
-    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    # The pipeline the loaded tokenizer really runs: transformers may rebuild a pre-tokenizer from its own
+    # class (Qwen2Tokenizer splits digits and newlines its way whatever tokenizer.json says).
+    backend = getattr(tok, "backend_tokenizer", None)
+    tj = json.loads(backend.to_str()) if backend is not None else json.loads(tj_path.read_text(encoding="utf-8"))
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
         raise UserError(f"{tj_path}: GGUF export supports byte-level BPE tokenizers (gpt2-style) only; "

@@ -244,6 +244,16 @@ def _stored(data, quant: str):
     return gguf.quants.quantize(data, qtype), qtype
 
 
+def _safe_name(name: str, tok) -> str:
+    """general.name, unless llama.cpp would key Phi-3 token fix-ups on it: a name containing "phi3"/"phi-3"
+    makes its vocab loader look up <s>, </s>, <unk>, <|endoftext|>, and abort when one is missing."""
+    vocab = tok.get_vocab()
+    if any(k in name.lower() for k in ("phi3", "phi-3")) and \
+            not all(t in vocab for t in ("<s>", "</s>", "<unk>", "<|endoftext|>")):
+        return name.lower().replace("phi-3", "phi 3").replace("phi3", "phi 3")
+    return name
+
+
 def write_gguf(model_dir: Path, out_file: Path, tok, quant: str = "f32", name: str = "model") -> None:
     """Write `model_dir` (an HF dir with safetensors) as a GGUF of file type `quant` (f32 | f16 | bf16 | q8_0)."""
     import gguf
@@ -257,7 +267,7 @@ def write_gguf(model_dir: Path, out_file: Path, tok, quant: str = "f32", name: s
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
     w = gguf.GGUFWriter(out_file, arch.gguf)
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(name)
+    w.add_name(_safe_name(name, tok))
     _add_hparams(w, config, arch)
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
