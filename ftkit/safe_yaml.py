@@ -149,8 +149,9 @@ def load(text: str, where: str, lines: bool = True) -> Any:
     """Parse one YAML document within the limits above; errors name `where:line` (`where` without lines)."""
     if "\x00" in text:
         raise YamlSyntaxError(f"{where}: contains a NUL byte; this is not a text file")
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # its reader already rejects control characters
         node = loader.get_single_node()
         if node is None:
             return None
@@ -169,7 +170,8 @@ def load(text: str, where: str, lines: bool = True) -> Any:
     except RecursionError:  # a safety net; the limits above are meant to stop everything first
         raise UserError(f"{where}: nested too deeply to read") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_value(raw: str, where: str) -> Any:

@@ -47,6 +47,12 @@ def check(recipe: str = typer.Argument(..., help="Recipe YAML"), set_: Optional[
 
     r = load(recipe, set_)
     canon = load_canonical(r)  # bad rows fail here, before any tokenizer or model is loaded
+    if set(canon.format.split("+")) & {"preference", "unpaired", "prompt"}:
+        # Their stage's TRL trainer tokenizes these rows; the SFT tokenization below does not apply.
+        out.print(f"format {canon.format} · {len(canon.train):,} train rows, {len(canon.eval):,} eval rows "
+                  f"(converted; tokenized by the {r.stage} trainer)")
+        out.print("[green]ok[/]")
+        return
     tok = _tokenizer(r, _log)
     data = prepare(r, tok, log=_log, cache=not no_cache, canonical=canon)
 

@@ -29,6 +29,8 @@ def _read_jsonl(path: Path) -> list[Row]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+            except RecursionError:
+                raise UserError(f"{path}:{lineno}: JSON nested too deeply to read; a row is one flat object") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
             rows.append(Row(obj, f"{path}:{lineno}"))
@@ -39,6 +41,8 @@ def _read_json(path: Path) -> list[Row]:
     text = path.read_text(encoding="utf-8")
     try:
         obj = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to read; rows are flat objects in one list") from None
     except json.JSONDecodeError as exc:
         if exc.lineno > 1 or text.lstrip().startswith("{"):
             # One object per line saved as .json is common: read it as JSON Lines.

@@ -121,6 +121,12 @@ def _render_rows(rows: list[dict], template: str | None, spans_of, train_on: str
                 spans_list.append(spans)
                 kinds.append(None)
             continue
+        if "prompt" in row and not isinstance(row.get("completion"), str):
+            # preference / unpaired / prompt-only rows: their TRL trainer tokenizes them, never this SFT path
+            kind = ("preference pairs (ftkit dpo/orpo/rm)" if "chosen" in row else
+                    "labelled replies (ftkit kto)" if "label" in row else "prompts only (ftkit rl)")
+            raise UserError(f"{row['where']}: these rows are {kind}, not supervised data; sft and pt train on "
+                            f"messages, prompt/completion or text rows (set data.format to one of those)")
         out_rows.append(row)
         if "prompt" in row:
             texts.append(row["prompt"] + row["completion"])

@@ -1,0 +1,59 @@
+"""Shared by every fuzz target: the finding policy and the atheris (or plain replay) driver.
+
+A finding is any exception other than ftkit's UserError (the exit-2 contract), any input that
+takes over 2 s (libFuzzer's -timeout=2 turns it into a crash file) or a crash of the process.
+Corpora and findings live outside the repo (fuzz_all.sh puts them under $FTKIT_FUZZ_DIR).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One scratch dir per process, on tmpfs when there is one: targets that read files write them here.
+SCRATCH = Path(tempfile.mkdtemp(prefix="ftkit-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+
+
+def seeds(*globs: str) -> list[Path]:
+    return sorted(p for g in globs for p in REPO.glob(g) if p.is_file())
+
+
+def instrumented(*packages: str):
+    """Imports inside this block get coverage instrumentation (when atheris is installed)."""
+    try:
+        import atheris
+    except ImportError:
+        return contextlib.nullcontext()
+    return atheris.instrument_imports(include=list(packages or ("ftkit", "yaml")))
+
+
+def run(one: Callable[[bytes], None]) -> None:
+    """`python fuzz/fuzz_x.py [libFuzzer args] [corpus dirs]`; without atheris, replay the files given."""
+    from ftkit.errors import UserError
+
+    def guarded(data: bytes) -> None:
+        try:
+            one(data)
+        except UserError:
+            pass  # the contract: exit 2 with a message
+
+    try:
+        import atheris
+    except ImportError:
+        files = [Path(a) for a in sys.argv[1:] if not a.startswith("-")]
+        paths = [q for p in files for q in (sorted(p.rglob("*")) if p.is_dir() else [p]) if q.is_file()]
+        for p in paths:
+            guarded(p.read_bytes())
+        print(f"atheris not installed: replayed {len(paths)} inputs without a finding")
+        return
+    atheris.Setup(sys.argv, guarded)
+    atheris.Fuzz()

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run every fuzz target for SECONDS each (default 300), niced, one after the other.
+#   fuzz/fuzz_all.sh [SECONDS] [TARGET ...]        targets: recipe set pipeline data serve
+# Needs atheris (pip install 'ftkit[fuzz]'); corpora, logs and findings go OUTSIDE the repo, under
+# $FTKIT_FUZZ_DIR (default ~/.cache/ftkit-fuzz). A finding is a crash-*/timeout-* file there: replay
+# it with `python fuzz/fuzz_TARGET.py FILE`, fix it, and keep it as a regression test in tests/.
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+out=${FTKIT_FUZZ_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ftkit-fuzz}
+secs=${1:-300}
+shift || true
+targets=${*:-recipe set pipeline data serve}
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export FTKIT_FUZZ_TOKENIZE=${FTKIT_FUZZ_TOKENIZE:-1}  # the data target tokenizes, as `ftkit data check` does
+status=0
+for t in $targets; do
+  mkdir -p "$out/corpus/$t" "$out/findings/$t"
+  if [ -z "$(ls -A "$out/corpus/$t")" ]; then
+    python "$here/fuzz_$t.py" --write-seeds "$out/corpus/$t" >/dev/null || exit 1
+  fi
+  log="$out/$t.log"
+  nice -n 19 python "$here/fuzz_$t.py" "$out/corpus/$t" -max_total_time="$secs" -timeout=2 -rss_limit_mb=4096 \
+    -artifact_prefix="$out/findings/$t/" -print_final_stats=1 >"$log" 2>&1 || status=1
+  runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$')
+  rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | grep -o '[0-9]*$')
+  to1m=$([ "${rate:-0}" -gt 0 ] && echo "$((1000000 / rate / 60)) min" || echo "?")
+  echo "$t: ${runs:-?} inputs in ${secs} s (${rate:-?}/s; 1M inputs ~ $to1m), findings: $(ls "$out/findings/$t" | wc -l) ($log)"
+done
+exit $status
