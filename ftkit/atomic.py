@@ -85,9 +85,21 @@ def publish(tmp: Path, final: Path) -> None:
         _remove(old)
 
 
-def disk_full_error(exc: OSError, final: Path) -> UserError:
+_FULL_TEXT = re.compile(r"os error (28|27|122)\b|No space left|File too large|Disk quota|PytorchStreamWriter failed")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Out of space, however the writer says it: safetensors (Rust) and torch's zip writer raise their
+    own types, with the OS error only in the text."""
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL
+    return bool(_FULL_TEXT.search(str(exc)))
+
+
+def disk_full_error(exc: BaseException, final: Path) -> UserError:
     where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-    return UserError(f"out of disk space writing {final}{where}: {exc.strerror or exc}. Nothing was written to "
+    why = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:200]
+    return UserError(f"out of disk space writing {final}{where}: {why}. Nothing was written to "
                      f"{final}; free some space (or choose an output on a larger disk) and run it again")
 
 
@@ -107,8 +119,8 @@ def staged_dir(final: Path, wait: bool = False, log=None) -> Iterator[Path]:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would otherwise become the output's mode
         try:
             yield tmp
-        except OSError as exc:
-            if exc.errno in DISK_FULL:
+        except Exception as exc:
+            if disk_full(exc):
                 raise disk_full_error(exc, final) from None
             raise
         finally:

@@ -20,7 +20,7 @@ for t in $targets; do
     python "$here/fuzz_$t.py" --write-seeds "$out/corpus/$t" >/dev/null || exit 1
   fi
   log="$out/$t.log"
-  nice -n 19 python "$here/fuzz_$t.py" "$out/corpus/$t" -max_total_time="$secs" -timeout=2 -rss_limit_mb=4096 \
+  nice -n 19 python "$here/fuzz_$t.py" "$out/corpus/$t" -max_total_time="$secs" -timeout="${FTKIT_FUZZ_TIMEOUT:-2}" -rss_limit_mb=4096 \
     -artifact_prefix="$out/findings/$t/" -print_final_stats=1 >"$log" 2>&1 || status=1
   runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$')
   rate=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "$log" | grep -o '[0-9]*$')

@@ -1,13 +1,127 @@
-"""ftkit serve under hostile input: every bad request is a 4xx, never a 500 or a hang."""
+"""ftkit serve under hostile input: every bad or excess request is a prompt 4xx/503, never a 500 or a hang.
+
+One in-process server (uvicorn in a thread, loopback, the tiny model) with small limits.
+"""
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
+import threading
+import time
+
 import pytest
 
-from ftkit.serve import APIError, ChatRequest, parse_body
+from ftkit.serve import APIError, ChatRequest, Limits, parse_body
+
+pytest.importorskip("fastapi")
+LIMITS = Limits(max_body_bytes=4096, read_timeout_s=0.5, max_tokens=16, queue=1, request_timeout_s=1.0)
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
 
 def test_deeply_nested_body_is_a_400():
     with pytest.raises(APIError) as info:
         parse_body(b'{"model": "m", "messages": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", ChatRequest)
     assert info.value.status == 400 and "nested too deeply" in info.value.message
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    import uvicorn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftkit.serve import Engine, _listen, build_app
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    engine = Engine(model, AutoTokenizer.from_pretrained(tiny_model), "tiny", limits=LIMITS)
+    sock = _listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine), log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield engine, sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def request(port: int, body, headers: dict | None = None) -> tuple[int, dict, dict, float]:
+    t0 = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", "/v1/chat/completions", body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    out = (resp.status, json.loads(resp.read()), dict(resp.getheaders()), time.monotonic() - t0)
+    conn.close()
+    return out
+
+
+def test_a_valid_request_is_answered(served):
+    status, body, _, _ = request(served[1], CHAT)
+    assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_huge_body_is_413_before_it_is_read(served):
+    status, body, _, took = request(served[1], json.dumps({**CHAT, "pad": "x" * 10_000}).encode())
+    assert status == 413 and body["error"]["code"] == "request_too_large" and took < 1
+    with socket.create_connection(("127.0.0.1", served[1]), timeout=5) as s:  # a header promising 10 GB
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n{")
+        assert s.recv(200).startswith(b"HTTP/1.1 413")
+
+
+def test_stalled_client_gets_408(served):
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", served[1]), timeout=5) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\"")
+        reply = b""
+        while b"}}" not in reply:  # headers and body may come in separate packets
+            chunk = s.recv(300)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+    assert LIMITS.read_timeout_s <= time.monotonic() - t0 < LIMITS.read_timeout_s + 1
+
+
+def test_max_tokens_over_the_cap_is_400(served):
+    status, body, _, _ = request(served[1], {**CHAT, "max_tokens": LIMITS.max_tokens + 1})
+    assert status == 400 and body["error"]["code"] == "max_tokens_too_large" and body["error"]["param"] == "max_tokens"
+
+
+def test_full_queue_is_503_with_retry_after(served):
+    engine, port = served
+    held = [engine.admit() for _ in range(LIMITS.queue + 1)]  # one generating and `queue` waiting
+    try:
+        status, body, headers, took = request(port, CHAT)
+        assert status == 503 and body["error"]["code"] == "overloaded" and took < 1
+        assert headers["retry-after"] == str(LIMITS.retry_after_s)
+    finally:
+        for slot in held:
+            slot.release()
+    assert request(port, CHAT)[0] == 200  # the slots came back
+
+
+def test_request_timeout_bounds_the_wait_and_the_generation(served):
+    engine, port = served
+    with engine.lock:  # the model is busy for longer than the request may wait
+        status, body, _, took = request(port, CHAT)
+    assert status == 503 and LIMITS.request_timeout_s <= took < LIMITS.request_timeout_s + 1
+    slow = engine.model.register_forward_hook(lambda *_: time.sleep(0.2))  # ~5 tokens fit in the time
+    try:
+        status, body, _, took = request(port, {**CHAT, "max_tokens": 16})
+    finally:
+        slow.remove()
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] < 16 and took < LIMITS.request_timeout_s + 1
+
+
+def test_cli_defaults_are_the_limits_defaults():
+    import inspect
+
+    from ftkit.commands.deploy import serve
+
+    p, d = inspect.signature(serve).parameters, Limits()
+    assert (p["max_tokens"].default.default, p["queue"].default.default, p["request_timeout"].default.default,
+            p["max_body_kb"].default.default * 1024, p["read_timeout"].default.default) == \
+        (d.max_tokens, d.queue, d.request_timeout_s, d.max_body_bytes, d.read_timeout_s)

@@ -16,12 +16,23 @@ def serve(model: str = typer.Argument(..., help="Run dir, merged dir, model alia
           name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: dir name)"),
           base: Optional[str] = typer.Option(None, "--base", help="Base model for an adapter dir"),
           quiet: bool = typer.Option(False, "--quiet", help="No log line per request (method, path, status, "
-                                                            "tokens, ms) on stderr")):
+                                                            "tokens, ms) on stderr"),
+          max_tokens: int = typer.Option(2048, "--max-tokens", min=1, help="Most new tokens one request may ask for (400 above)"),
+          queue: int = typer.Option(16, "--queue", min=0, help="Requests waiting for the model; more get 503 + Retry-After"),
+          request_timeout: float = typer.Option(300, "--request-timeout", min=1,
+                                                help="Seconds a request may wait and generate; then it ends"),
+          max_body_kb: int = typer.Option(1024, "--max-body-kb", min=1, help="Largest request body (413 above)"),
+          read_timeout: float = typer.Option(10, "--read-timeout", min=0.1,
+                                             help="Seconds for a request body to arrive (408 after)")):
     """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
+    from ftkit.serve import Limits
     from ftkit.serve import serve as run_server
     from ftkit.ui import log
 
-    run_server(model, host=host, port=port, api_key=api_key, name=name, base=base, log=log, quiet=quiet)
+    limits = Limits(max_body_bytes=max_body_kb * 1024, read_timeout_s=read_timeout, max_tokens=max_tokens, queue=queue,
+                    request_timeout_s=request_timeout)
+    run_server(model, host=host, port=port, api_key=api_key, name=name, base=base, log=log, quiet=quiet,
+               limits=limits)
 
 
 def export(model: str = typer.Argument(..., help="Run dir (LoRA is merged first), merged dir, alias or .gguf"),

@@ -181,12 +181,15 @@ def explain_write_errors(work: Path):
     """Disk full / permissions while writing the run: one clear message; the final run dir is never created."""
     import errno
 
+    from ftkit.atomic import disk_full
+
     try:
         yield
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+    except Exception as exc:  # safetensors and torch report a full disk as their own error types
+        if not disk_full(exc) and getattr(exc, "errno", None) not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        raise UserError(f"cannot write the run under {work}: {exc.strerror or exc}. Nothing was written to the "
+        why = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0][:200]
+        raise UserError(f"cannot write the run under {work}: {why}. Nothing was written to the "
                         f"final run dir; checkpoints (if any) stay in {work} for --resume once fixed") from None
 
 
