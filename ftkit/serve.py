@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Union
 
@@ -23,21 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from ftkit import toolcalls
 from ftkit.errors import UserError
+from ftkit.serve_limits import Admission, APIError, Limits, Slot, parse_body, read_body, validation_message  # noqa: F401
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none; OpenAI's "up to the context" is minutes on a CPU
-QUEUE_TIMEOUT_S = 600  # a request waits at most this long for the model before getting a 503
 STREAM_STALL_S = 300  # a stream gives up if the generation thread produces nothing for this long
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 # ---- request schemas: unknown OpenAI fields are accepted and ignored; known ones are type-checked strictly.
@@ -140,6 +131,10 @@ class Engine:
     name: str
     aliases: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self):
+        self.queue = Admission(self.limits)
 
     @property
     def context_length(self) -> int:
@@ -179,6 +174,10 @@ class Engine:
             raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, you "
                                 f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} "
                                 "for the completion).", param="max_tokens", code="context_length_exceeded")
+        if requested > self.limits.max_tokens:
+            raise APIError(400, f"max_tokens is {requested}; this server allows at most {self.limits.max_tokens} "
+                                f"new tokens per request (ftkit serve --max-tokens)", param="max_tokens",
+                           code="max_tokens_too_large")
         return requested
 
     def stream(self, ids: list[int], max_tokens: int, req: _Sampling, strip: bool, outcome: Outcome) -> Iterator[str]:
@@ -186,13 +185,15 @@ class Engine:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        if not self.lock.acquire(timeout=QUEUE_TIMEOUT_S):
-            raise APIError(503, "the server is busy; retry later", type_="server_error", code="overloaded")
+        deadline = time.monotonic() + self.limits.request_timeout_s
+        if not self.lock.acquire(timeout=self.limits.request_timeout_s):
+            raise self.limits.busy(f"no turn at the model within {self.limits.request_timeout_s:g} s")
         cancel = threading.Event()
         try:
-            class _Cancel(StoppingCriteria):
+            class _Cancel(StoppingCriteria):  # the client left, a stop string matched, or the time is up
                 def __call__(self, input_ids, scores, **kwargs):
-                    return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+                    stop = cancel.is_set() or time.monotonic() > deadline
+                    return torch.full((input_ids.shape[0],), stop, dtype=torch.bool)
 
             streamer = TextIteratorStreamer(self.tok, skip_prompt=True, timeout=STREAM_STALL_S,
                                             skip_special_tokens=True)
@@ -240,7 +241,8 @@ class Engine:
             new = result["out"][0, len(ids):].tolist() if "out" in result else []
             outcome.completion_tokens = len(new)
             hit_eos = bool(new) and new[-1] in _eos_ids(self.tok, self.model)
-            outcome.finish_reason = "length" if (len(new) >= max_tokens and not hit_eos and not gate.stopped) else "stop"
+            cut = (len(new) >= max_tokens or time.monotonic() > deadline) and not hit_eos and not gate.stopped
+            outcome.finish_reason = "length" if cut else "stop"  # a request out of time is cut short like max_tokens
         finally:
             self.lock.release()
 
@@ -254,21 +256,10 @@ def _eos_ids(tok, model) -> set:
 
 # ---- the app
 
-def _validation_message(errors: list) -> tuple[str, str | None]:
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ())]
-    if first.get("type") == "json_invalid":
-        return "We could not parse the JSON body of your request.", None
-    where = ".".join(loc) or "body"
-    if first.get("type") == "missing":
-        return f"Missing required parameter: '{where}'.", (loc[0] if loc else None)
-    return f"Invalid value for '{where}': {first.get('msg', 'invalid')}", (loc[0] if loc else None)
-
-
 def _error(exc: APIError):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def _install_errors_and_auth(app, api_key: str | None) -> None:
@@ -283,7 +274,7 @@ def _install_errors_and_auth(app, api_key: str | None) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc.errors())
+        message, param = validation_message(exc.errors())
         return _error(APIError(400, message, param=param))
 
     @app.exception_handler(HTTPException)
@@ -330,7 +321,7 @@ def _whole_reply(engine: Engine, kind: str, rid: str, now: int, req: _Sampling, 
 
 
 def _stream_events(engine: Engine, kind: str, rid: str, now: int, req: _Sampling, prompts: list[list[int]],
-                   budgets: list[int], strip: bool, usage: dict):
+                   budgets: list[int], strip: bool, usage: dict, slot: Slot):
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def chunk(i: int, text: str | None, finish: str | None, first: bool = False, delta: dict | None = None) -> dict:
@@ -367,11 +358,13 @@ def _stream_events(engine: Engine, kind: str, rid: str, now: int, req: _Sampling
         yield _sse(exc.body())
     except Exception as exc:  # headers are out: report in-band, then end the stream cleanly
         yield _sse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error").body())
+    finally:
+        slot.release()
     yield "data: [DONE]\n\n"
 
 
 def _respond(engine: Engine, kind: str, req: _Sampling, prompts: list[list[int]], max_tokens: int | None,
-             strip: bool, usage: dict):
+             strip: bool, usage: dict, slot: Slot):
     from fastapi.responses import StreamingResponse
 
     engine.check_model(req.model)
@@ -385,25 +378,28 @@ def _respond(engine: Engine, kind: str, req: _Sampling, prompts: list[list[int]]
         reply = _whole_reply(engine, kind, rid, now, req, prompts, budgets, strip)
         usage.update(reply["usage"])
         return reply
-    return StreamingResponse(_stream_events(engine, kind, rid, now, req, prompts, budgets, strip, usage),
-                             media_type="text/event-stream",
+    events = _stream_events(engine, kind, rid, now, req, prompts, budgets, strip, usage, slot)
+    weakref.finalize(events, slot.release)  # a client gone before the first chunk never runs its finally
+    return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _parse(request, schema):
-    # Parsed by hand so a missing or wrong Content-Type still gets JSON semantics, as OpenAI's API does.
-    from pydantic import ValidationError
+async def _admitted(engine: Engine, handler, request, schema):
+    """Parse within the body limits, take a queue slot, run handler in the worker pool (generation
+    blocks; the event loop keeps answering). A stream releases its slot when it ends."""
+    from fastapi.responses import StreamingResponse
+    from starlette.concurrency import run_in_threadpool
 
-    raw = await request.body()
+    req = parse_body(await read_body(request, engine.limits), schema)
+    slot = engine.queue.admit()
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "We could not parse the JSON body of your request.") from None
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        message, param = _validation_message(exc.errors())
-        raise APIError(400, message, param=param) from None
+        result = await run_in_threadpool(handler, req, _usage(request), slot)
+    except BaseException:
+        slot.release()
+        raise
+    if not isinstance(result, StreamingResponse):
+        slot.release()
+    return result
 
 
 def _usage(request) -> dict:
@@ -415,7 +411,6 @@ def _usage(request) -> dict:
 
 def build_app(engine: Engine, api_key: str | None = None):
     from fastapi import FastAPI, Request
-    from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="ftkit serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
@@ -437,28 +432,27 @@ def build_app(engine: Engine, api_key: str | None = None):
         engine.check_model(model_id)
         return model_card()
 
-    def chat(req: ChatRequest, usage: dict):
+    def chat(req: ChatRequest, usage: dict, slot: Slot):
         engine.check_model(req.model)
         prompts = [engine.chat_ids(req.messages, req.tools)]
-        return _respond(engine, "chat", req, prompts, req.max_completion_tokens or req.max_tokens, True, usage)
+        return _respond(engine, "chat", req, prompts, req.max_completion_tokens or req.max_tokens, True, usage, slot)
 
-    def completion(req: CompletionRequest, usage: dict):
+    def completion(req: CompletionRequest, usage: dict, slot: Slot):
         engine.check_model(req.model)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not texts:
             raise APIError(400, "prompt must not be empty", param="prompt")
         prompts = [engine.text_ids(t) for t in texts]
         # Raw continuation keeps its leading space ("The capital is" -> " Paris"), unlike a chat reply.
-        return _respond(engine, "completion", req, prompts, req.max_tokens, False, usage)
+        return _respond(engine, "completion", req, prompts, req.max_tokens, False, usage, slot)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        # Generation blocks; it runs in the worker pool so the event loop keeps answering (health, errors).
-        return await run_in_threadpool(chat, await _parse(request, ChatRequest), _usage(request))
+        return await _admitted(engine, chat, request, ChatRequest)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await run_in_threadpool(completion, await _parse(request, CompletionRequest), _usage(request))
+        return await _admitted(engine, completion, request, CompletionRequest)
 
     return app
 
@@ -478,7 +472,8 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          name: str | None = None, base: str | None = None, log=print, quiet: bool = False) -> None:
+          name: str | None = None, base: str | None = None, log=print, quiet: bool = False,
+          limits: Limits = Limits()) -> None:
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -501,7 +496,7 @@ def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
     model, tok = load_for_inference(target, dtype=hw.dtype, base=base, log=log)
     path = Path(target).expanduser()
     served = name or (path.resolve().name if path.exists() else target)
-    engine = Engine(model, tok, served, aliases={target})
+    engine = Engine(model, tok, served, aliases={target}, limits=limits)
     app = build_app(engine, api_key=api_key)
     sock = _listen(host, port)
     bound = sock.getsockname()[1]
@@ -509,8 +504,9 @@ def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
         log(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this port can use it")
     log(f"serving [bold]{served}[/] on http://{host}:{bound}/v1 (OpenAI-compatible; model id {served!r})"
         + (" · api key required" if api_key else "") + " · Ctrl-C to stop")
-    config = uvicorn.Config(with_request_log(app, quiet), log_level="warning", timeout_graceful_shutdown=5, lifespan="off",
-                            timeout_keep_alive=5)
+    # limit_concurrency bounds open connections (a flood of idle sockets), far above the request queue.
+    config = uvicorn.Config(with_request_log(app, quiet), log_level="warning", timeout_graceful_shutdown=5,
+                            lifespan="off", timeout_keep_alive=5, limit_concurrency=max(256, 4 * (limits.queue + 1)))
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:

@@ -91,7 +91,7 @@ def test_max_tokens_over_the_cap_is_400(served):
 
 def test_full_queue_is_503_with_retry_after(served):
     engine, port = served
-    held = [engine.admit() for _ in range(LIMITS.queue + 1)]  # one generating and `queue` waiting
+    held = [engine.queue.admit() for _ in range(LIMITS.queue + 1)]  # one generating and `queue` waiting
     try:
         status, body, headers, took = request(port, CHAT)
         assert status == 503 and body["error"]["code"] == "overloaded" and took < 1
