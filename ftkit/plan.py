@@ -167,8 +167,7 @@ def plan(recipe: Recipe, gpus: int | None = None, gpu_memory: int | None = None)
         weights = quantized * (_NF4_BYTES if recipe.method.bits == 4 else _INT8_BYTES) + frozen * 4
     else:
         weights = (quantized + frozen) * w
-    adapter = recipe.method.type not in ("full", "freeze")
-    tw = 4 if adapter else w  # peft keeps adapter weights in fp32 under bf16/fp16 autocast
+    tw = 4  # trained weights are fp32 masters under bf16/fp16 autocast (peft's adapters, methods._fp32_master_weights)
     weights += trainable * tw
     grads = trainable * tw
     optim = trainable * _optimizer_bytes_per_param(recipe.train.optim, tw)

@@ -38,8 +38,9 @@ def test_memory_follows_the_recipe(tmp_path, tiny_model, chat_file):
     lora = plan(base, gpus=1)
     full = plan(_recipe(tmp_path, tiny_model, chat_file, "model.dtype=bfloat16", "method={type: full}"), gpus=1)
     qlora = plan(_recipe(tmp_path, tiny_model, chat_file, "model.dtype=bfloat16", "method.type=qlora"), gpus=1)
-    assert full.optimizer == 2 * 2 * full.trainable_params  # Adam: two bf16 states per weight
-    assert lora.gradients == 4 * lora.trainable_params  # adapters train in fp32
+    # Trained weights are fp32 masters under bf16 autocast, so are their gradients and Adam's two states.
+    assert full.optimizer == 2 * 4 * full.trainable_params and full.gradients == 4 * full.trainable_params
+    assert lora.gradients == 4 * lora.trainable_params
     assert qlora.trainable_params == lora.trainable_params
     # The tiny model is mostly embeddings, which QLoRA keeps in fp32: 4-bit does not pay there.
     assert qlora.weights > lora.weights
