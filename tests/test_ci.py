@@ -199,8 +199,21 @@ def test_eval_command_on_run_and_base(gated_run, tiny_model):
     s = json.loads(res.stdout.strip().splitlines()[-1])["metrics"]
     assert s["rows"] == 4 and 5 < s["eval_loss"] < 20
     assert s["perplexity"] == pytest.approx(2.718281828 ** s["eval_loss"], rel=1e-6)
-    assert 0 <= s["exact_match"] <= 1 and 0 <= s["regex_match"] <= 1
+    assert 0 <= s["exact_match"] <= 1 and 0 <= s["regex"] <= 1  # --regex implies --metric regex
     assert len(json.loads((tmp / "eval.json").read_text())["samples"]) == 4
+    # every reply metric by name, and gates on them (rouge_l is at most 1, so this gate always fails)
+    res = ftkit("eval", str(tmp / "run"), "--data", str(data), "--max-new-tokens", "4", "--limit", "4",
+                "--metric", "rouge_l", "--metric", "accuracy", "--metric", "macro_f1", "--json",
+                "--fail-if", "rouge_l < 2")
+    assert res.returncode == 3 and "rouge_l < 2" in res.stderr, res.stderr
+    line = json.loads(res.stdout.strip().splitlines()[-1])
+    assert line["status"] == "gate_failed" and line["gates"][0]["metric"] == "rouge_l"
+    assert all(0 <= line["metrics"][m] <= 1 for m in ("rouge_l", "accuracy", "macro_f1"))
+    assert "exact_match" not in line["metrics"]
+    bad = ftkit("eval", str(tmp / "run"), "--data", str(data), "--metric", "regex")
+    assert bad.returncode == 2 and "--metric regex needs --regex" in bad.stderr
+    bad = ftkit("eval", str(tmp / "run"), "--data", str(data), "--metric", "bleu")
+    assert bad.returncode == 2 and "'bleu' is not one of 'exact_match', 'regex', 'accuracy'" in bad.stderr
     # the base model before training: usable as a baseline, and gates apply to eval too
     res = ftkit("eval", str(tiny_model), "--data", str(data), "--no-generate", "--fail-if", "perplexity > 10")
     assert res.returncode == 3, res.stderr

@@ -85,3 +85,9 @@ def test_generate_and_score_batches(tiny_model):
     assert metrics == score(preds, refs, ["exact_match", "rouge_l"])
     model.generate = original
     assert generate(model, tok, prompts[:1], max_new_tokens=4) == preds[:1]
+
+
+def test_regex_metric_with_a_pattern_compares_the_extracted_parts():
+    # with a pattern, the first number of reply and reference must agree: rows 0 and 2 do
+    got = score(["It is 4.", "five", "7 apples"], ["4", "5", "7"], ["regex", "exact_match"], pattern=r"(\d+)")
+    assert got == {"regex": pytest.approx(2 / 3), "exact_match": 0.0}
