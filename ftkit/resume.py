@@ -29,7 +29,7 @@ def is_complete(ckpt: Path) -> bool:
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(state, dict) and "global_step" in state
+    return isinstance(state, dict)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
