@@ -44,14 +44,10 @@ def eval_command(
 ):
     """Eval loss/perplexity on a data file and, where rows end in a reference reply, reply metrics
     (--metric; the same names work in --fail-if)."""
-    from rich.table import Table
-
-    from ftkit.data.formats import flag_columns, to_canonical
-    from ftkit.data.sources import read_rows
     from ftkit.evaluate import evaluate_rows
     from ftkit.hardware import detect
     from ftkit.inference import load_for_inference
-    from ftkit.ui import console, log, quiet_libraries
+    from ftkit.ui import log, quiet_libraries
 
     exprs = gate_exprs(fail_if)
     if as_json:
@@ -61,16 +57,7 @@ def eval_command(
         metrics.append("regex")
     if "regex" in metrics and not regex:
         raise UserError("--metric regex needs --regex PATTERN (the part of each reply to compare)")
-    cols = flag_columns(column, role, "--format")
-    rows = []
-    for item in data:
-        path = Path(item).expanduser()
-        if not path.exists():
-            raise UserError(f"--data {item}: file not found")
-        rows += read_rows(path)
-    if not rows:
-        raise UserError(f"--data {', '.join(data)}: no rows")
-    _, canonical = to_canonical(rows[:limit] if limit else rows, fmt.value, cols, None, recipe_where="--column")
+    canonical = _read_rows(data, fmt.value, column, role, limit)
     if output:
         out_path = Path(output).expanduser()
         if not out_path.parent.is_dir():
@@ -86,12 +73,7 @@ def eval_command(
                         batch_size=batch_size, generate=not no_generate, max_new_tokens=max_new_tokens,
                         metrics=metrics, regex=regex, labels=label)
     samples = res.pop("samples", [])
-    table = Table(title=f"eval: {target} on {', '.join(data)}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in res.items():
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    console.print(table)
+    _print_table(f"eval: {target} on {', '.join(data)}", res)
     if output:
         Path(output).expanduser().write_text(json.dumps({**res, "target": target, "samples": samples}, indent=2) + "\n",
                                              encoding="utf-8")
@@ -99,6 +81,36 @@ def eval_command(
     results = check_gates(res, exprs, summary, as_json) if exprs else []
     if as_json:
         emit({**summary, "status": "ok", "exit_code": 0, "gates": results})
+
+
+def _read_rows(data: list[str], fmt: str, column, role, limit: int | None) -> list[dict]:
+    """--data files as canonical rows (bad rows: exit 2 naming file:line and the flag that fixes them)."""
+    from ftkit.data.formats import flag_columns, to_canonical
+    from ftkit.data.sources import read_rows
+
+    cols = flag_columns(column, role, "--format")
+    rows = []
+    for item in data:
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise UserError(f"--data {item}: file not found")
+        rows += read_rows(path)
+    if not rows:
+        raise UserError(f"--data {', '.join(data)}: no rows")
+    return to_canonical(rows[:limit] if limit else rows, fmt, cols, None, recipe_where="--column")[1]
+
+
+def _print_table(title: str, res: dict) -> None:
+    from rich.table import Table
+
+    from ftkit.ui import console
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in res.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
 
 
 def report_command(run_dir: str = typer.Argument(..., help="A run dir written by a training command")):
