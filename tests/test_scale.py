@@ -160,3 +160,42 @@ def test_node0_never_answers(data, tiny_model):
     assert res.returncode == 1
     assert f"error: node 1 could not join node 0 at 127.0.0.1:{port}" in res.stderr
     assert "Traceback" not in res.stderr and "frame #" not in res.stderr
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"distributed": "fsdp", "method": {"type": "qlora", "r": 4, "alpha": 8}},
+     "distributed: fsdp with method.type: qlora needs CUDA GPUs"),
+    ({"distributed": "deepspeed"}, "distributed: deepspeed needs CUDA GPUs"),
+    ({"distributed": "fsdp", "method": {"type": "qlora", "bits": 8, "r": 4, "alpha": 8}},
+     "8-bit weights cannot be sharded"),
+])
+def test_impossible_strategies_exit_2_before_loading(data, tiny_model, sections, message):
+    tmp, path = data
+    r = recipe(tmp / "strategy.yaml", tiny_model, path, output={"dir": str(tmp / "strategy")}, **sections)
+    res = ftkit("sft", str(r), "-n", "2")
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "strategy.yaml:" in res.stderr and "Traceback" not in res.stderr
+    assert "rank 0" not in res.stderr, "refused before any worker started"
+
+
+def test_fsdp_qlora_settings(data, tiny_model, monkeypatch):
+    from ftkit.distributed_strategy import fsdp_config, sharded_load
+    from ftkit.methods import quantization_kwargs
+    from ftkit.recipe import load_recipe
+
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        monkeypatch.setenv(key, "unset-by-test")  # restored after the test, whatever sharded_load sets
+    tmp, path = data
+    r = load_recipe(recipe(tmp / "fq.yaml", tiny_model, path, distributed="fsdp",
+                           method={"type": "qlora", "r": 4, "alpha": 8}))
+    kwargs = quantization_kwargs(4, "bfloat16", "cuda")
+    one = sharded_load(r, dict(kwargs), world_size=1)
+    assert one["device_map"] == {"": 0}, "one process keeps its own placement"
+    out = sharded_load(r, kwargs, world_size=2)
+    q = out["quantization_config"]
+    import torch
+
+    assert q.bnb_4bit_quant_storage == q.bnb_4bit_compute_dtype == torch.bfloat16
+    assert "device_map" not in out
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true" and os.environ["ACCELERATE_USE_FSDP"] == "true"
+    assert fsdp_config(r)["cpu_ram_efficient_loading"] is True and fsdp_config(r)["fsdp_version"] == 2

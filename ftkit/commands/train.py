@@ -108,6 +108,10 @@ def train(stage: str, recipe, output: str | None, overwrite: bool, resume: str |
     launch = launch or Launch(nproc=num_processes)
     launch.check()
     if launch.needs_launcher and not in_distributed_run():
+        from ftkit.distributed_strategy import check as check_strategy
+        from ftkit.hardware import detect
+
+        check_strategy(recipe, launch.world_size, detect().device)  # once here, not once per rank
         _launch(launch, recipe, final, base, as_json)
     else:
         done = _train_here(recipe, base, as_json, output=output, overwrite=overwrite, resume=resume,

@@ -129,16 +129,12 @@ def distributed_kwargs(recipe: Recipe) -> dict:
 
 
 def _strategy_kwargs(recipe: Recipe) -> dict:
+    # What cannot work (deepspeed without the package or GPUs, FSDP + QLoRA on CPU) was refused before loading.
+    from ftkit.distributed_strategy import fsdp_config
+
     if recipe.distributed == "fsdp":
-        # FSDP2 shards each decoder layer; LoRA's frozen base and trainable adapters share those shards.
-        return {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                                              "reshard_after_forward": True}}
+        return {"fsdp": True, "fsdp_config": fsdp_config(recipe)}
     if recipe.distributed == "deepspeed":
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise UserError(f"{recipe.where('distributed')}: distributed: deepspeed needs the deepspeed package "
-                            "(pip install deepspeed; it needs a CUDA toolkit)") from None
         zero = {**DEEPSPEED_ZERO2["zero_optimization"], "stage": recipe.zero_stage}
         return {"deepspeed": {**DEEPSPEED_ZERO2, "zero_optimization": zero}}
     return {}

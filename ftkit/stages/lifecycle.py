@@ -33,6 +33,11 @@ def check(recipe: Recipe, produced: frozenset[str] = frozenset()) -> None:
     if spec.multi_process and world_size() > 1:
         raise UserError(f"{recipe.where('stage')}: stage {spec.name} runs in one process only: {spec.multi_process}")
     spec.load().check(recipe, produced)
+    if world_size() > 1:
+        from ftkit.distributed_strategy import check as check_strategy
+        from ftkit.hardware import detect
+
+        check_strategy(recipe, world_size(), detect().device)
 
 
 def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resume: str | None = None,

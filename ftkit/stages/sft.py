@@ -24,8 +24,10 @@ def trainer_classes(recipe: Recipe):
 
 def build(recipe: Recipe, hw, use_cache: bool = True) -> Built:
     from ftkit.data import prepare
+    from ftkit.distributed_strategy import sharded_load
     from ftkit.methods import apply_method, count_params, load_kwargs, weights_dtype
     from ftkit.models import load_causal_lm, load_tokenizer, resolve_model
+    from ftkit.stages.common import world_size
 
     speed.check_levers(recipe, hw)
     m = recipe.model
@@ -37,10 +39,10 @@ def build(recipe: Recipe, hw, use_cache: bool = True) -> Built:
         f"{ts['trained_tokens']:,} of {ts['tokens']:,} tokens trained ({recipe.data.train_on})")
     if data.template is not None:
         tok.chat_template = data.template  # inference formats prompts exactly as training did
+    extra = sharded_load(recipe, load_kwargs(base, recipe.method, hw, m.trust_remote_code), world_size())
     model = load_causal_lm(base, weights_dtype(base, recipe.method, hw, m.trust_remote_code),
                            trust_remote_code=m.trust_remote_code, revision=m.revision,
-                           attn_implementation=m.attn_implementation,
-                           **load_kwargs(base, recipe.method, hw, m.trust_remote_code))
+                           attn_implementation=m.attn_implementation, **extra)
     model = apply_method(model, recipe.method, log=log, tokenizer=tok, base_path=base, train_rows=data.train)
     params = count_params(model)
     log(f"trainable params: {params['trainable_params']:,} of {params['total_params']:,} "
