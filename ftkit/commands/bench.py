@@ -37,34 +37,92 @@ def project(metrics: dict, history: list[dict], recipe) -> dict:
             "device": metrics["device"], "total_steps": total, "projected_s": round(total * s_per_step, 1)}
 
 
+# What a run does besides its training steps, by the lifecycle function (or stage hook) that does it.
+PHASES = [("build", "loading model and data"), ("trainer_classes", "importing the trainer"),
+          ("_check_not_emptied", "preparing the trainer"),
+          ("evaluate", "evaluation"), ("_save", "saving"), ("_write_extras", "samples and report")]
+MARKS = {"_check_not_emptied"}  # called right after the trainer is built (TRL tokenizes the data there)
+
+
+def project_rest(clock_seconds: dict[str, float], command_s: float, metrics: dict, projection: dict,
+                 evals_during_training: int = 0) -> dict:
+    """The whole command = projected training steps + the rest, each phase of the rest as timed once
+    (they do not grow with the step count), periodic evaluations counted as often as they will run,
+    and what no phase accounts for (setup, the training warm-up) as 'other'."""
+    timed = {name: round(clock_seconds.get(name, 0.0), 2) for _, name in PHASES}
+    steady = projection["seconds_per_step"] * projection["timed_steps"]
+    training = clock_seconds.get("training", metrics["wall_s"])
+    rest = dict(timed)
+    if evals_during_training and timed["evaluation"]:
+        rest["evaluation"] = round(timed["evaluation"] * (1 + evals_during_training), 2)
+    rest["other"] = round(max(0.0, command_s - sum(timed.values()) - steady), 2)
+    train_s = projection["total_steps"] * projection["seconds_per_step"]
+    return {"command_s": round(command_s, 2), "training_s": round(training, 2), "phases_s": rest,
+            "projected_train_s": round(train_s, 1), "projected_rest_s": round(sum(rest.values()), 1),
+            "projected_s": round(train_s + sum(rest.values()), 1)}
+
+
+def _timed_run(r):
+    """Run the recipe's real lifecycle (in a throwaway dir) with each phase timed; returns
+    (metrics, history, phase seconds, command seconds)."""
+    import time
+
+    from ftkit.phase_clock import PhaseClock
+    from ftkit.stages import lifecycle
+    from ftkit.stages.registry import get
+
+    stage = get(r.stage).load()
+    targets = [(stage if attr in ("build", "trainer_classes", "evaluate") else lifecycle, attr, name)
+               for attr, name in PHASES]
+    clock = PhaseClock()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ftkit-bench-") as tmp, \
+            clock.timing([t for t in targets if t[1] not in MARKS] + [(lifecycle, "_train", "training")],
+                         marks=[t for t in targets if t[1] in MARKS]):
+        run_dir = lifecycle.run(r, output=str(Path(tmp) / "run"), overwrite=True)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return metrics, history, clock.seconds, time.perf_counter() - t0
+
+
 def bench_command(recipe: str = typer.Argument(..., help="Recipe YAML (sft or pt)"),
                   set_: Optional[List[str]] = SetOpt,
                   steps: int = typer.Option(5, "--steps", min=2, help="Training steps to time"),
                   as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON line")):
-    """Time a few training steps: tokens/s, peak memory, projected time for the whole run."""
+    """Time a real run of a few training steps, with its loading, evaluation, samples and saving:
+    tokens/s, peak memory, and the projected time of the whole command."""
     from ftkit.commands.common import load, quiet_stdout
     from ftkit.rundir import default_output_dir
-    from ftkit.stages.lifecycle import run
     from ftkit.ui import console, log
 
     r = load(recipe, set_)
     if r.stage not in ("sft", "pt"):
         raise UserError(f"{r.where('stage')}: bench times sft and pt recipes, not {r.stage}")
     wanted_steps, r.train.max_steps = r.train.max_steps, steps
-    r.data.eval, r.data.eval_split = None, 0.0  # evaluation is not what is being timed
+    # Periodic evaluation is timed once (at the end) and counted as often as the real run will do it.
+    eval_every, r.train.eval_steps = r.train.eval_steps, None
     if as_json:
         quiet_stdout()
-    with tempfile.TemporaryDirectory(prefix="ftkit-bench-") as tmp:
-        run_dir = run(r, output=str(Path(tmp) / "run"), overwrite=True)
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    metrics, history, phases, command_s = _timed_run(r)
     r.train.max_steps = wanted_steps
     result = {"recipe": recipe, "output_dir": default_output_dir(r), **project(metrics, history, r)}
+    periodic = result["total_steps"] // eval_every if eval_every else 0
+    result.update(project_rest(phases, command_s, metrics, result, periodic))
     if as_json:
         print(json.dumps(result))
         return
-    mins = result["projected_s"] / 60
     log(f"[bold]bench[/] {recipe}: {result['seconds_per_step']:.2f} s/step · "
         f"{result['tokens_per_s'] or 0:,.0f} tokens/s · peak memory {result['peak_memory_mb']:,.0f} MB · "
-        f"{result['precision']} on {result['device']}")
-    console.print(f"projected: {result['total_steps']} steps ≈ {mins:.1f} min for the whole run")
+        f"{result['precision']} on {result['device']} · this bench took {command_s:.0f}s")
+    console.print(projection_line(result))
+
+
+def projection_line(result: dict) -> str:
+    rest = " + ".join(f"{name} {s:.0f}s" for name, s in result["phases_s"].items() if s >= 0.5) or "none"
+    return (f"projected: {_clock(result['projected_s'])} for the whole command = training "
+            f"{result['total_steps']} steps {_clock(result['projected_train_s'])} + the rest "
+            f"{_clock(result['projected_rest_s'])} ({rest})")
+
+
+def _clock(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f}s"
