@@ -18,7 +18,7 @@ def test_bench_projects_the_whole_run(tmp_path, tiny_model, chat_file):
     assert abs(out["projected_train_s"] - 9 * out["seconds_per_step"]) < 0.1
     # the whole command: training + the rest (loading, evaluation, samples, saving), each timed in the run
     phases = out["phases_s"]
-    assert set(phases) == {"loading model and data", "importing the trainer", "preparing the trainer", "evaluation",
+    assert set(phases) == {"start-up (torch, hardware)", "loading model and data", "importing the trainer", "preparing the trainer", "evaluation",
                            "saving",
                            "samples and report", "other"}
     assert phases["loading model and data"] > 0 and phases["saving"] > 0 and phases["samples and report"] > 0
@@ -33,11 +33,11 @@ def test_bench_projects_the_whole_run(tmp_path, tiny_model, chat_file):
 def test_periodic_evaluation_is_counted_as_often_as_it_runs():
     from ftkit.commands.bench import project_rest, projection_line
 
-    timed = {"loading model and data": 6.0, "importing the trainer": 1.0, "preparing the trainer": 3.0, "evaluation": 2.0, "saving": 1.0, "samples and report": 5.0,
+    timed = {"start-up (torch, hardware)": 0.2, "loading model and data": 5.8, "importing the trainer": 1.0, "preparing the trainer": 3.0, "evaluation": 2.0, "saving": 1.0, "samples and report": 5.0,
              "training": 7.0}
     proj = {"seconds_per_step": 3.0, "timed_steps": 2, "total_steps": 100}
     once = project_rest(timed, 30.0, {"wall_s": 7.0}, proj)
-    assert once["phases_s"] == {"loading model and data": 6.0, "importing the trainer": 1.0,
+    assert once["phases_s"] == {"start-up (torch, hardware)": 0.2, "loading model and data": 5.8, "importing the trainer": 1.0,
                                 "preparing the trainer": 3.0, "evaluation": 2.0,
                                 "saving": 1.0,
                                 "samples and report": 5.0, "other": 6.0}  # 30 - 18 - 2 steps x 3 s

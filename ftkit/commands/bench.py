@@ -38,7 +38,7 @@ def project(metrics: dict, history: list[dict], recipe) -> dict:
 
 
 # What a run does besides its training steps, by the lifecycle function (or stage hook) that does it.
-PHASES = [("build", "loading model and data"), ("trainer_classes", "importing the trainer"),
+PHASES = [("setup_hardware", "start-up (torch, hardware)"), ("build", "loading model and data"), ("trainer_classes", "importing the trainer"),
           ("_check_not_emptied", "preparing the trainer"),
           ("evaluate", "evaluation"), ("_save", "saving"), ("_write_extras", "samples and report")]
 MARKS = {"_check_not_emptied"}  # called right after the trainer is built (TRL tokenizes the data there)
