@@ -24,7 +24,7 @@ HELD_OUT = [(c, ASK[i % len(ASK)].format(c=c)) for i, c in enumerate(CITIES)]  #
 
 
 def well_formed_rate(url: str, model: str) -> tuple[float, list]:
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300, max_retries=0)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=900, max_retries=0)
     good, samples = 0, []
     for city, prompt in HELD_OUT:
         r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], tools=TOOLS,
