@@ -37,7 +37,7 @@ BAD = {"malformed": b'{"model": "m", "messages": [', "huge_body": None, "huge_ma
 
 def start(model: str, port: int, read_timeout: float) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ftkit", "serve", model, "--port", str(port), "--name", "m",
-           "--read-timeout", str(read_timeout)]
+           "--read-timeout", str(read_timeout), "--request-timeout", "60", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 300
@@ -52,7 +52,7 @@ def start(model: str, port: int, read_timeout: float) -> subprocess.Popen:
     raise SystemExit("the server did not start within 300 s")
 
 
-def call(port: int, method: str, path: str, body, timeout: float = 300) -> tuple[int, bytes, dict]:
+def call(port: int, method: str, path: str, body, timeout: float = 120) -> tuple[int, bytes, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
@@ -93,7 +93,10 @@ def throughput(port: int, clients: int, seconds: float) -> dict:
         nonlocal busy, errors
         while time.monotonic() < stop:
             t0 = time.monotonic()
-            status, _, _ = call(port, "POST", "/v1/chat/completions", CHAT)
+            try:
+                status, _, _ = call(port, "POST", "/v1/chat/completions", CHAT)
+            except OSError:  # a timeout or reset: counted, never fatal to the benchmark
+                status = 0
             with lock:
                 if status == 200:
                     latencies.append(time.monotonic() - t0)
@@ -152,9 +155,15 @@ KINDS = ("valid_chat", "valid_stream", "malformed", "huge_body", "huge_max_token
 def hostile(proc: subprocess.Popen, port: int, clients: int, per_client: int, read_timeout: float) -> dict:
     before = rss_mb(proc.pid)
     jobs = [KINDS[i % len(KINDS)] for i in range(clients)]
+    def guarded(kind: str) -> tuple[str, int, float, bool]:
+        t0 = time.monotonic()
+        try:
+            return one_hostile(port, kind, read_timeout)
+        except OSError:  # no answer at all (reset or timed out): status 0
+            return kind, 0, time.monotonic() - t0, False
+
     with ThreadPoolExecutor(clients) as pool:
-        results = [r for rs in pool.map(lambda k: [one_hostile(port, k, read_timeout) for _ in range(per_client)],
-                                        jobs) for r in rs]
+        results = [r for rs in pool.map(lambda k: [guarded(k) for _ in range(per_client)], jobs) for r in rs]
     time.sleep(7)  # past uvicorn's 5 s keep-alive: what is still open now is hung
     by_kind: dict = {}
     for kind, status, took, retry in results:

@@ -57,3 +57,12 @@ def run(one: Callable[[bytes], None]) -> None:
         return
     atheris.Setup(sys.argv, guarded)
     atheris.Fuzz()
+
+
+def main(one: Callable[[bytes], None], write_seeds: Callable[[Path], int], warm: Callable[[], object] = lambda: None):
+    """`fuzz_x.py --write-seeds DIR` writes the seed corpus; otherwise warm up (slow first loads) and fuzz."""
+    if sys.argv[1:2] == ["--write-seeds"]:
+        print(write_seeds(Path(sys.argv[2])))
+        return
+    warm()
+    run(one)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 
-from _harness import SCRATCH, instrumented, run, seeds
+from _harness import SCRATCH, instrumented, main, seeds
 
 with instrumented("ftkit"):
     from pydantic import ValidationError
@@ -94,14 +93,12 @@ def write_seeds(out) -> int:
     return n
 
 
+def _warm() -> None:
+    import pyarrow.parquet  # noqa: F401  (slow first imports happen before the 2 s clock runs)
+
+    if TOKENIZE:
+        _tokenizer()
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--write-seeds"]:
-        from pathlib import Path
-
-        print(write_seeds(Path(sys.argv[2])))
-    else:
-        import pyarrow.parquet  # noqa: F401  (slow first imports happen before the 2 s clock runs)
-
-        if TOKENIZE:
-            _tokenizer()
-        run(one)
+    main(one, write_seeds, _warm)

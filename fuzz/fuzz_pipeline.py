@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from _harness import REPO, SCRATCH, instrumented, run, seeds
+from _harness import REPO, SCRATCH, instrumented, main, seeds
 
 with instrumented("ftkit", "yaml"):
     from ftkit.pipeline import load_pipeline
@@ -33,7 +32,4 @@ def write_seeds(out: Path) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--write-seeds"]:
-        print(write_seeds(Path(sys.argv[2])))
-    else:
-        run(one)
+    main(one, write_seeds)

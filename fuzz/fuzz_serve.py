@@ -6,11 +6,10 @@ The model is a stand-in with a config (generation is not fuzzed); the tokenizer 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from _harness import instrumented, run
+from _harness import instrumented, main
 
 with instrumented("ftkit"):
     from ftkit.serve import APIError, ChatRequest, CompletionRequest, Engine, TextGate, parse_body
@@ -64,8 +63,4 @@ def write_seeds(out: Path) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--write-seeds"]:
-        print(write_seeds(Path(sys.argv[2])))
-    else:
-        _engine()
-        run(one)
+    main(one, write_seeds, _engine)

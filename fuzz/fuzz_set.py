@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-from _harness import instrumented, run
+from _harness import instrumented, main
 
 with instrumented("ftkit", "yaml"):
     from ftkit.recipe import load_recipe
@@ -31,7 +30,4 @@ def write_seeds(out: Path) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--write-seeds"]:
-        print(write_seeds(Path(sys.argv[2])))
-    else:
-        run(one)
+    main(one, write_seeds)
