@@ -174,11 +174,19 @@ class Engine:
             raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, you "
                                 f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} "
                                 "for the completion).", param="max_tokens", code="context_length_exceeded")
-        if requested > self.limits.max_tokens:
+        self.check_max_tokens(requested)
+        return requested
+
+    def check_max_tokens(self, requested: int | None) -> None:
+        """Before a request takes a queue slot: a huge max_tokens is a 400 at once, never a 503."""
+        if requested is not None and requested > self.context_length:
+            raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, you "
+                                f"requested {requested} tokens for the completion alone.", param="max_tokens",
+                           code="context_length_exceeded")
+        if requested is not None and requested > self.limits.max_tokens:
             raise APIError(400, f"max_tokens is {requested}; this server allows at most {self.limits.max_tokens} "
                                 f"new tokens per request (ftkit serve --max-tokens)", param="max_tokens",
                            code="max_tokens_too_large")
-        return requested
 
     def stream(self, ids: list[int], max_tokens: int, req: _Sampling, strip: bool, outcome: Outcome) -> Iterator[str]:
         """Text pieces of one completion, produced under the model lock; fills `outcome` at the end."""
@@ -391,6 +399,7 @@ async def _admitted(engine: Engine, handler, request, schema):
     from starlette.concurrency import run_in_threadpool
 
     req = parse_body(await read_body(request, engine.limits), schema)
+    engine.check_max_tokens(getattr(req, "max_completion_tokens", None) or req.max_tokens)
     slot = engine.queue.admit()
     try:
         result = await run_in_threadpool(handler, req, _usage(request), slot)

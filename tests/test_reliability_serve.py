@@ -96,6 +96,7 @@ def test_full_queue_is_503_with_retry_after(served):
         status, body, headers, took = request(port, CHAT)
         assert status == 503 and body["error"]["code"] == "overloaded" and took < 1
         assert headers["retry-after"] == str(LIMITS.retry_after_s)
+        assert request(port, {**CHAT, "max_tokens": 10**9})[0] == 400  # a bad request stays a 400 when full
     finally:
         for slot in held:
             slot.release()
