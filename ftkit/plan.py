@@ -138,7 +138,8 @@ def activation_bytes(cfg, tokens: int, seq_len: int, w: int, checkpointing: bool
     ~10 hidden-sized tensors, 2 key/value-sized, 4 MLP-sized in the compute dtype, the RMSNorms' fp32
     copies (2 x 2 hidden in fp32), plus the attention scores when the kernel materialises them (eager,
     or SDPA's math path on CPU). With checkpointing a layer keeps only its input and one layer at a time
-    is recomputed. The loss adds logits in the compute dtype, their fp32 upcast and its gradient."""
+    is recomputed. The loss adds logits in the compute dtype, their fp32 upcast (none when already fp32)
+    and its gradient."""
     h, layers = cfg.hidden_size, cfg.num_hidden_layers
     inter = getattr(cfg, "intermediate_size", 4 * h)
     heads = cfg.num_attention_heads
@@ -147,7 +148,8 @@ def activation_bytes(cfg, tokens: int, seq_len: int, w: int, checkpointing: bool
     scores = 2 * heads * seq_len * w if attention_scores else 0  # per token: a row of scores + softmax
     layer = tokens * (per_token + scores)
     body = (tokens * h * w * layers + layer) if checkpointing else layer * layers
-    logits = tokens * cfg.vocab_size * (w + 4 + 4)
+    upcast = 4 if w != 4 else 0  # .float() of fp32 logits is the same tensor, not a copy
+    logits = tokens * cfg.vocab_size * (w + upcast + 4)
     return int(body + logits)
 
 
