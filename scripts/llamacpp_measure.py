@@ -1,5 +1,8 @@
 """Export the embedded model at every GGUF type and print llama.cpp's verification numbers as a table
-(the measurements behind ftkit.llamacpp.MIN_AGREEMENT and docs/deploy.md). Outputs go to a temp dir."""
+(the measurements behind ftkit.llamacpp.MIN_AGREEMENT and docs/deploy.md). Outputs go to a temp dir.
+
+    python scripts/llamacpp_measure.py [QUANT ...]    # default: every GGUF type
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ def main() -> int:
     rows = ["| quantize | minimum | measured agreement | greedy identical | chat turn stops | size |",
             "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="ftkit-measure-") as tmp:
-        for quant in GGUF_QUANTS:
+        for quant in sys.argv[1:] or GGUF_QUANTS:  # e.g. `q4_k_m q8_0` to measure a few first
             out = Path(tmp) / f"smollm2-{quant}.gguf"
             t0 = time.time()
             try:
