@@ -56,7 +56,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model, referen
     r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=TRAIN)
     partial = tmp_path / "run.partial"
     proc = _start(r)
-    _wait_for(lambda: (partial / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file(), proc)
+    from ftkit.resume import is_complete
+
+    # Complete, not merely present: a kill while trainer_state.json is being written leaves checkpoint-4
+    # unusable, and --resume rightly falls back to checkpoint-2.
+    _wait_for(lambda: is_complete(partial / "checkpoints" / "checkpoint-4"), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "run").exists() and partial.is_dir()
