@@ -230,6 +230,10 @@ rlhf.register(app)
 
 
 def main():
+    from ftkit.noise import silence_third_party_noise
+
+    # Before any command imports bitsandbytes (some do before ftkit.models, which installs it too).
+    silence_third_party_noise()
     sys.argv[1:] = bare_resume_as_latest(sys.argv[1:])
     app()
 

@@ -46,7 +46,8 @@ def detect(requested_dtype: str = "auto", threads: int | None = None) -> Hardwar
     else:
         device, name, ngpu = "cpu", f"CPU ({cores} cores)", 0
         if _cpu_has_fast_bf16():
-            dtype, why = "bfloat16", "CPU has native bf16 (AVX512-BF16/AMX)"
+            # Measured on such a CPU (docs/performance.md): training 1.37x and generation 1.7x fp32's speed.
+            dtype, why = "bfloat16", "CPU has native bf16 (AVX512-BF16/AMX), measured faster than fp32 here"
         else:
             dtype, why = "float32", "CPU without native bf16: bf16 would be emulated (~30x slower)"
     if requested_dtype != "auto":

@@ -74,7 +74,10 @@ def generate(model, tok, prompts: list[list[dict]] | list[str], max_new_tokens: 
         for i in range(0, len(texts), batch_size):
             chunk = texts[i : i + batch_size]
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            # use_cache: a model fresh from training has it off (checkpointing), which makes every new
+            # token recompute the whole sequence.
+            kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      use_cache=True)
             if temperature > 0:
                 kw.update(do_sample=True, temperature=temperature)
             else:

@@ -93,7 +93,8 @@ def _usage(kind: str, repo: str, files: list[Path], base: str | None) -> str:
             f"tokenizer = AutoTokenizer.from_pretrained({repo!r})\n```")
 
 
-def model_card(kind: str, repo: str, files: list[Path], facts: dict) -> str:
+def model_card(kind: str, repo: str, files: list[Path], facts: dict, intro: str | None = None) -> str:
+    """The README.md of an upload (repo: org/name) or of a run dir (repo: its path, intro: how it was made)."""
     recipe = facts.get("recipe") or {}
     model, method, data = recipe.get("model") or {}, recipe.get("method") or {}, recipe.get("data") or {}
     base_name = model.get("name") or (facts.get("metrics") or {}).get("base_model")
@@ -109,7 +110,7 @@ def model_card(kind: str, repo: str, files: list[Path], facts: dict) -> str:
     sources = ", ".join(sources) if isinstance(sources, list) else sources
     exp = facts.get("export") or {}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {repo.split('/')[-1]}", "",
-             f"Fine-tuned with ftkit and uploaded by `ftkit push` as a {kind}.", "",
+             intro or f"Fine-tuned with ftkit and uploaded by `ftkit push` as a {kind}.", "",
              "## Training", "", f"- **Base model:** {base or base_name or 'not recorded'}",
              f"- **Stage:** {recipe.get('stage', 'not recorded')}", f"- **Method:** {how}",
              f"- **Data:** {sources or 'not recorded'} (format: {data.get('format', 'not recorded')})"]

@@ -265,6 +265,12 @@ class Gate(_Strict):
 
 class OutputSection(_Strict):
     dir: str | None = Field(None, description="run dir (default: runs/<recipe name>)")
+    samples: int = Field(3, ge=0, le=100, description="greedy replies to held-out prompts written to samples.jsonl "
+                         "after training (0: none)")
+    sample_tokens: int = Field(64, gt=0, le=2048, description="new tokens per sample reply at most (bounds the "
+                               "time sampling takes)")
+    keep_checkpoints: bool = Field(False, description="keep checkpoints/ in a finished run dir (by default they "
+                                   "are removed once the run has succeeded; an interrupted run keeps them to resume)")
 
 
 class PreferenceSection(_Strict):

@@ -14,8 +14,6 @@ from pathlib import Path
 
 from ftkit.errors import UserError
 
-SAMPLES = 3
-SAMPLE_TOKENS = 64
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -119,23 +117,33 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     return png_path, html_path
 
 
-def write_samples(recipe, work: Path, model, tok, n: int = SAMPLES) -> None:
-    """Greedy replies to a few held-out (else training) prompts, for the report."""
+def write_samples(recipe, work: Path, model, tok, log=print) -> None:
+    """Greedy replies to a few held-out (else training) prompts, for the report (output.samples of
+    them, output.sample_tokens new tokens each at most: the time this takes is bounded by both)."""
+    import time
+
     from ftkit.data import read_canonical
     from ftkit.inference import generate
 
+    n = recipe.output.samples
+    if n == 0:
+        return
     field = "eval" if recipe.data.eval else "train"
     _, rows = read_canonical(recipe, field)
     chats = [r["messages"] for r in rows if "messages" in r and r["messages"][-1]["role"] == "assistant"][:n]
     if not chats:
         return
     prompts = [c[:-1] for c in chats]
+    log(f"sampling {len(prompts)} replies (≤ {recipe.output.sample_tokens} tokens each) for samples.jsonl "
+        "(output.samples: 0 turns this off) ...")
+    t0 = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
-        replies = generate(model, tok, prompts, max_new_tokens=SAMPLE_TOKENS)
+        replies = generate(model, tok, prompts, max_new_tokens=recipe.output.sample_tokens)
     finally:
         model.train(was_training)
+    log(f"samples written in {time.perf_counter() - t0:.1f}s")
     with (work / "samples.jsonl").open("w", encoding="utf-8") as fh:
         for chat, reply in zip(chats, replies):
             prompt = next((m["content"] for m in reversed(chat[:-1]) if m["role"] == "user"), "")

@@ -165,3 +165,34 @@ def test_published_outputs_take_the_users_umask(tmp_path):
         os.umask(old)
     assert final.stat().st_mode & 0o777 == 0o750
     assert (final / "model.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_captured_log_shows_a_live_job_and_every_phase(tmp_path, tiny_model, chat_file):
+    """Without a terminal: plain progress lines, a line per phase, bounded samples, the whole
+    command's time beside the training time, and no checkpoints left in the finished run dir."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_recipe
+
+    r = write_recipe(tmp_path / "r.yaml", tiny_model, chat_file,
+                     output={"samples": 1, "sample_tokens": 4}, train={"save_steps": 1})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FTKIT_PROGRESS_EVERY": "0"}
+    res = subprocess.run([sys.executable, "-m", "ftkit", "sft", str(r)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for step in (1, 2, 3):
+        assert f"train step {step}/3 · loss " in out, out
+    assert "ETA 0:00:00" in out and "━" not in out  # plain lines, no bar drawn into the log
+    order = [out.index(s) for s in ("loading ", "train step 1/3 · loss", "saving ...", "sampling 1 replies (≤ 4 tokens",
+                                    "done in ")]
+    assert order == sorted(order), out
+    done = next(line for line in out.splitlines() if line.startswith("done in "))
+    assert "(training " in done
+    run = tmp_path / "run"
+    assert len((run / "samples.jsonl").read_text().splitlines()) == 1
+    assert not (run / "checkpoints").exists()
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["total_s"] >= m["wall_s"] > 0

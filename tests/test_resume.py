@@ -53,7 +53,7 @@ def reference(tmp_path_factory, tiny_model):
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model, reference):
-    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=TRAIN)
+    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=TRAIN, output={"keep_checkpoints": True})
     partial = tmp_path / "run.partial"
     proc = _start(r)
     from ftkit.resume import is_complete
@@ -82,6 +82,15 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model, referen
     ref_losses = [h["loss"] for h in read_jsonl(reference / "metrics.jsonl") if h["kind"] == "train"]
     losses = [h["loss"] for h in read_jsonl(run / "metrics.jsonl") if h["kind"] == "train"]
     assert losses == pytest.approx(ref_losses, abs=1e-6)
+    # The numbers are as true as an uninterrupted run's: the first loss is step 1's, not the resumed
+    # step's, and tokens/s counts only the tokens this process trained on.
+    ref = json.loads((reference / "metrics.json").read_text())
+    assert m["first_loss"] == pytest.approx(ref["first_loss"], abs=1e-6) and m["tokens"] == ref["tokens"]
+    at_resume = [h["tokens_seen"] for h in read_jsonl(run / "metrics.jsonl")
+                 if h["kind"] == "train" and h["step"] == m["resumed_from_step"]][0]
+    assert 0 < at_resume < m["tokens"]
+    assert m["tokens_per_s"] * m["wall_s"] == pytest.approx(m["tokens"] - at_resume, rel=0.02)
+    assert not (reference / "checkpoints").exists(), "a finished run drops its checkpoints by default"
     kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
     assert kept == [f"checkpoint-{STEPS - 2}", f"checkpoint-{STEPS}"]  # save_total_limit: 2
 
@@ -111,7 +120,7 @@ def test_sigterm_saves_checkpoint_exits_130_then_resume_path(tmp_path, tiny_mode
 
 
 def test_deterministic_same_recipe_same_weights(tmp_path, tiny_model, reference):
-    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=TRAIN)
+    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=TRAIN, output={"keep_checkpoints": True})
     assert ftkit("sft", str(r)).returncode == 0
     a, b = adapter_tensors(tmp_path / "run"), adapter_tensors(reference)
     assert all(bool((a[k] == b[k]).all()) for k in a), "deterministic runs must be bit-identical"

@@ -227,14 +227,48 @@ def attach_progress(trainer, metrics_path: Path):
     return cb
 
 
-def finish_run_dir(work: Path) -> None:
+def finish_run_dir(work: Path, keep_checkpoints: bool = False) -> None:
+    """A finished run needs no checkpoints (60 MB for the 135M model): they exist to resume an
+    interrupted run, which keeps them in its .partial dir. output.keep_checkpoints keeps them."""
+    import shutil
+
     ckpt = work / "checkpoints"
-    if ckpt.is_dir() and not any(ckpt.iterdir()):
-        ckpt.rmdir()
+    if ckpt.is_dir() and (not keep_checkpoints or not any(ckpt.iterdir())):
+        shutil.rmtree(ckpt)
+
+
+def progress_every_s() -> float:
+    """Seconds between plain progress lines when the output is not a terminal (a CI log)."""
+    try:
+        return max(0.0, float(os.environ.get("FTKIT_PROGRESS_EVERY", "30")))
+    except ValueError:
+        return 30.0
+
+
+def _read_history(path: Path) -> list[dict]:
+    """Records already in metrics.jsonl: a resumed run's earlier steps (trimmed to its checkpoint)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill that interrupted the run
+    return out
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def make_progress_callback(metrics_path: Path):
-    """A rich progress line (step, loss, lr, tokens/s, ETA) and metrics.jsonl, main process only."""
+    """The progress line (step, loss, lr, tokens/s, ETA) and metrics.jsonl, main process only.
+
+    On a terminal a rich bar; otherwise (CI logs, `| tee`) a plain line every FTKIT_PROGRESS_EVERY
+    seconds and at the last step, so a captured log shows a live job. Rates and the ETA count only
+    the steps and tokens of this process, so a resumed run reports its own speed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from transformers import TrainerCallback
 
@@ -243,22 +277,52 @@ def make_progress_callback(metrics_path: Path):
             self.progress = None
             self.task = None
             self.t0 = time.perf_counter()
-            self.history: list[dict] = []
+            self.history: list[dict] = _read_history(metrics_path)
+            self.step0 = 0  # where this process started (the resumed step)
+            self.tokens0 = 0
+            self.last_line = 0.0
+            self.loss = None
+            self.pending = False  # a plain line waits for this step's loss
 
         def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-            if not is_main_process():
+            self.t0 = self.last_line = time.perf_counter()
+            self.step0, self.tokens0 = state.global_step, state.num_input_tokens_seen or 0
+            if not is_main_process() or not console.is_terminal:
                 return
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                 TimeRemainingColumn(), console=console, transient=False,
             )
             self.progress.start()
-            self.task = self.progress.add_task("", total=state.max_steps)
+            self.task = self.progress.add_task("", total=state.max_steps, completed=state.global_step)
+
+        def tokens_per_s(self, state) -> float:
+            elapsed = time.perf_counter() - self.t0
+            return ((state.num_input_tokens_seen or 0) - self.tokens0) / elapsed if elapsed > 0 else 0.0
 
         def on_step_end(self, args, state, control, **kw):
             if self.progress is not None:
                 self.progress.update(self.task, completed=state.global_step)
+            elif is_main_process():
+                now, last = time.perf_counter(), state.global_step >= state.max_steps
+                if last or now - self.last_line >= progress_every_s():
+                    self.last_line = now
+                    # A logging step's loss arrives in on_log, just after this: print the line there.
+                    steps = args.logging_steps if args.logging_strategy == "steps" else 0
+                    self.pending = bool(steps) and state.global_step % steps == 0
+                    if not self.pending:
+                        self.print_line(state)
+
+        def print_line(self, state):
+            self.pending = False
+            console.print(self.plain_line(state, time.perf_counter() - self.t0))
+
+        def plain_line(self, state, elapsed: float) -> str:
+            done = state.global_step - self.step0
+            eta = (state.max_steps - state.global_step) * elapsed / done if done else None
+            loss = f" · loss {self.loss:.4f}" if self.loss is not None else ""
+            return (f"train step {state.global_step}/{state.max_steps}{loss} · {self.tokens_per_s(state):,.0f} tok/s"
+                    f" · elapsed {_clock(elapsed)} · ETA {_clock(eta) if eta is not None else '-'}")
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not is_main_process() or not logs:
@@ -272,16 +336,22 @@ def make_progress_callback(metrics_path: Path):
             self.history.append(rec)
             with metrics_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")
+            if "loss" in logs:
+                self.loss = logs["loss"]
+                if self.pending:
+                    self.print_line(state)
             if self.progress is not None and "loss" in logs:
-                tps = tokens / elapsed if elapsed > 0 else 0.0
                 self.progress.update(
                     self.task,
-                    description=f"loss {logs['loss']:.4f} · lr {logs.get('learning_rate', 0):.2e} · {tps:,.0f} tok/s",
+                    description=f"loss {logs['loss']:.4f} · lr {logs.get('learning_rate', 0):.2e} · "
+                                f"{self.tokens_per_s(state):,.0f} tok/s",
                 )
 
         def on_train_end(self, args, state, control, **kw):
             if self.progress is not None:
                 self.progress.stop()
+            elif self.pending:
+                self.print_line(state)
 
     return RichProgress()
 

@@ -43,10 +43,12 @@ def check(recipe: Recipe, produced: frozenset[str] = frozenset()) -> None:
 def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resume: str | None = None,
         use_cache: bool = True) -> Path:
     """Train one stage and commit its run dir. resume: None, "latest" (this run's newest checkpoint) or a path."""
+    t_start = time.perf_counter()
     stage = get(recipe.stage).load()
     check(recipe)
     run_dir = RunDir(output or default_output_dir(recipe), overwrite=overwrite, resume=resume is not None)
     hw = setup_hardware(recipe)
+    log(f"loading {recipe.model.name} and the data ...")
     built = stage.build(recipe, hw, use_cache)
     config_cls, trainer_cls = stage.trainer_classes(recipe)
     # The stage's fields override the shared ones (e.g. sft's batch size and memory levers). In a
@@ -69,23 +71,30 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
         trainer.add_callback(heartbeat_callback())  # lets a rank whose peer stopped say which one
     evaluate = getattr(stage, "evaluate", None)
     with explain_oom(recipe):
+        if evaluate and built.eval is not None:
+            log("evaluating before training ...")
         before = evaluate(trainer, built, "before") if evaluate else {}
     result, wall = _train(trainer, recipe, work, ckpt)
     with explain_oom(recipe):
+        if evaluate and built.eval is not None:
+            log("evaluating ...")
         after = evaluate(trainer, built, "after") if evaluate else {}
     if hasattr(stage, "after_training"):
         stage.after_training(trainer, built)
+    log("saving ...")
     with explain_write_errors(work):
         saved = _save(trainer, work, built)
     ctx = Context(recipe, hw, built, trainer, result, progress.history, before, after, wall)
-    metrics = {**_common_metrics(ctx, resumed_from), **(saved or {}), **stage.summarize(ctx)}
+    metrics = {**_common_metrics(ctx, resumed_from, progress.tokens0), **(saved or {}), **stage.summarize(ctx),
+               "total_s": round(time.perf_counter() - t_start, 2)}
     if is_main_process():
         with explain_write_errors(work):
             write_json(work / "metrics.json", metrics)
-            finish_run_dir(work)
-        _write_extras(stage, recipe, work, trainer, built)
+            finish_run_dir(work, keep_checkpoints=recipe.output.keep_checkpoints)
+        _write_extras(stage, recipe, work, trainer, built, run_dir.final)
     final = run_dir.commit(barrier=barrier)
-    log(f"[green]done[/] in {wall:.1f}s · {metrics['steps']} steps{stage.done_line(metrics)} · run dir: {final}")
+    log(f"[green]done[/] in {time.perf_counter() - t_start:.1f}s (training {wall:.1f}s) · {metrics['steps']} steps"
+        f"{stage.done_line(metrics)} · run dir: {final}")
     del trainer, built
     _free_memory()
     return final
@@ -138,7 +147,8 @@ def _save(trainer, work: Path, built: Built) -> dict | None:
     return None
 
 
-def _common_metrics(ctx: Context, resumed_from: int | None) -> dict:
+def _common_metrics(ctx: Context, resumed_from: int | None, tokens0: int = 0) -> dict:
+    """tokens0: tokens already seen at the resumed checkpoint, so a resumed run's speed is its own."""
     recipe, trainer, hw = ctx.recipe, ctx.trainer, ctx.hw
     losses = [h["loss"] for h in ctx.history if "loss" in h and h.get("kind") == "train"]
     steps = trainer.state.global_step
@@ -157,7 +167,7 @@ def _common_metrics(ctx: Context, resumed_from: int | None) -> dict:
         "distributed": recipe.distributed if world_size() > 1 else None,
         "epochs": round(trainer.state.epoch or 0, 4),
         "tokens": tokens,
-        "tokens_per_s": round(tokens / ctx.wall, 1) if ctx.wall > 0 else None,
+        "tokens_per_s": round((tokens - tokens0) / ctx.wall, 1) if ctx.wall > 0 else None,
         "tokens_per_step": round(tokens / steps, 1) if steps else None,
         "wall_s": round(ctx.wall, 2),
         "peak_memory_mb": peak_memory_mb(hw),
@@ -169,14 +179,17 @@ def _common_metrics(ctx: Context, resumed_from: int | None) -> dict:
     }
 
 
-def _write_extras(stage, recipe: Recipe, work: Path, trainer, built: Built) -> None:
-    """The tokenizer and recipe, then samples and the HTML report (their failure must not cost the run)."""
+def _write_extras(stage, recipe: Recipe, work: Path, trainer, built: Built, final: Path) -> None:
+    """The tokenizer, recipe and model card, then samples and the HTML report (their failure must not
+    cost the run)."""
     from ftkit.report import write_report
 
     with explain_write_errors(work):
         (work / "training_args.bin").unlink(missing_ok=True)  # a pickle; the recipe says it all
         built.tokenizer.save_pretrained(work)
         (work / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        if recipe.stage != "rm":  # a reward model is scored (ftkit score), not loaded as a causal LM
+            _write_card(recipe, work, final)
     try:
         samples = getattr(stage, "write_samples", None)
         if samples is not None and recipe.distributed == "ddp":  # sharded weights cannot generate on one rank
@@ -184,6 +197,18 @@ def _write_extras(stage, recipe: Recipe, work: Path, trainer, built: Built) -> N
         write_report(work)
     except Exception as exc:  # noqa: BLE001
         log(f"[yellow]warning:[/] report not written: {exc}")
+
+
+def _write_card(recipe: Recipe, work: Path, final: Path) -> None:
+    """README.md from what the run left (recipe, metrics), replacing peft's "[More Information Needed]"
+    placeholder: the base model by name, method, data, steps, metrics and how to load the run dir."""
+    from ftkit.push import collect, model_card
+
+    kind, files, facts = collect(work)
+    files = [final / f.name for f in files] + [final / "README.md"]
+    intro = (f"Trained with `ftkit {recipe.stage}` from the recipe in `recipe.yaml` (rerun it to reproduce); "
+             f"`ftkit push {final} --repo org/name` uploads it with this card.")
+    (work / "README.md").write_text(model_card(kind, str(final), files, facts, intro=intro), encoding="utf-8")
 
 
 def _free_memory() -> None:

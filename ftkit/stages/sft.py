@@ -107,7 +107,7 @@ def done_line(metrics: dict) -> str:
 def write_samples(recipe: Recipe, work, model, tok) -> None:
     from ftkit.report import write_samples as write
 
-    write(recipe, work, model, tok)
+    write(recipe, work, model, tok, log=log)
 
 
 def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resume: str | None = None,
