@@ -143,9 +143,14 @@ def test_llama_cpp_runs_every_family(family_dir, tmp_path, family):
             cpp = np.asarray(llm.scores[:len(ids)])
             with torch.no_grad():
                 ref = model(torch.tensor([ids])).logits[0].numpy()
-            agree += int((cpp.argmax(-1) == ref.argmax(-1)).sum())
-            total += len(ids)
-            assert np.abs(cpp - ref).max() < 0.05 * np.abs(ref).max() + 1e-2, (text, np.abs(cpp - ref).max())
-        assert agree == total
+            err = np.abs(cpp - ref).max(-1)
+            assert err.max() < 0.05 * np.abs(ref).max() + 1e-2, (text, err.max())
+            # A random tiny model has near-ties: where the reference's top two logits are closer than
+            # twice this position's error, either order is the same model; every other position must agree.
+            top2 = np.sort(ref, -1)[:, -2:]
+            decisive = (top2[:, 1] - top2[:, 0]) > 2 * err
+            agree += int((cpp.argmax(-1) == ref.argmax(-1))[decisive].sum())
+            total += int(decisive.sum())
+        assert total >= 24 and agree == total, (agree, total)
     finally:
         llm.close()
