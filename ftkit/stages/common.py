@@ -263,6 +263,23 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def _plain_line(state, elapsed: float, step0: int, loss: float | None, tokens_per_s: float) -> str:
+    """`train step 12/26 · loss 0.41 · 52 tok/s · elapsed 0:01:40 · ETA 0:01:56`, ETA from this process's steps."""
+    done = state.global_step - step0
+    eta = (state.max_steps - state.global_step) * elapsed / done if done else None
+    shown = f" · loss {loss:.4f}" if loss is not None else ""
+    return (f"train step {state.global_step}/{state.max_steps}{shown} · {tokens_per_s:,.0f} tok/s"
+            f" · elapsed {_clock(elapsed)} · ETA {_clock(eta) if eta is not None else '-'}")
+
+
+def _log_record(state, logs: dict, elapsed: float) -> dict:
+    """One metrics.jsonl line."""
+    kind = "summary" if "train_loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else "train"
+    return {"step": state.global_step, "kind": kind, "epoch": round(state.epoch or 0, 4),
+            "elapsed_s": round(elapsed, 2), "tokens_seen": state.num_input_tokens_seen or 0,
+            **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+
+
 def make_progress_callback(metrics_path: Path):
     """The progress line (step, loss, lr, tokens/s, ETA) and metrics.jsonl, main process only.
 
@@ -315,24 +332,13 @@ def make_progress_callback(metrics_path: Path):
 
         def print_line(self, state):
             self.pending = False
-            console.print(self.plain_line(state, time.perf_counter() - self.t0))
-
-        def plain_line(self, state, elapsed: float) -> str:
-            done = state.global_step - self.step0
-            eta = (state.max_steps - state.global_step) * elapsed / done if done else None
-            loss = f" · loss {self.loss:.4f}" if self.loss is not None else ""
-            return (f"train step {state.global_step}/{state.max_steps}{loss} · {self.tokens_per_s(state):,.0f} tok/s"
-                    f" · elapsed {_clock(elapsed)} · ETA {_clock(eta) if eta is not None else '-'}")
+            console.print(_plain_line(state, time.perf_counter() - self.t0, self.step0, self.loss,
+                                      self.tokens_per_s(state)))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not is_main_process() or not logs:
                 return
-            elapsed = time.perf_counter() - self.t0
-            tokens = state.num_input_tokens_seen or 0
-            kind = "summary" if "train_loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else "train"
-            rec = {"step": state.global_step, "kind": kind, "epoch": round(state.epoch or 0, 4),
-                   "elapsed_s": round(elapsed, 2), "tokens_seen": tokens,
-                   **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            rec = _log_record(state, logs, time.perf_counter() - self.t0)
             self.history.append(rec)
             with metrics_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")
