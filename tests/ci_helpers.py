@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from conftest import write_recipe
 
@@ -25,3 +29,16 @@ def adapter_tensors(run_dir: Path) -> dict:
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def wait_for(pred, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Poll until pred() holds while a training subprocess runs; fail if it ends or times out first."""
+    t0 = time.monotonic()
+    while not pred():
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            pytest.fail(f"training ended (rc {proc.returncode}) before the interruption point:\n{err[-3000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            pytest.fail("timed out waiting for the interruption point")
+        time.sleep(0.005)

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from ci_helpers import adapter_tensors, max_abs_diff
+from ci_helpers import adapter_tensors, max_abs_diff, wait_for
 from conftest import ftkit
 from test_rlhf import ITEMS, POS, pairs, write_jsonl
 
@@ -60,18 +59,6 @@ def run_in_process(path: Path) -> Path:
     return run(load_recipe(path))
 
 
-def _wait_for(pred, proc: subprocess.Popen, timeout: float = 600) -> None:
-    t0 = time.monotonic()
-    while not pred():
-        if proc.poll() is not None:
-            _, err = proc.communicate()
-            pytest.fail(f"training ended (rc {proc.returncode}) before the interruption point:\n{err[-3000:]}")
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            pytest.fail("timed out waiting for the interruption point")
-        time.sleep(0.005)
-
-
 def kill_after_first_checkpoint(stage: str, recipe: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ftkit", stage, str(recipe)], env=env,
@@ -79,7 +66,7 @@ def kill_after_first_checkpoint(stage: str, recipe: Path) -> None:
     from ftkit.resume import is_complete
 
     ckpt = recipe.parent / "run.partial" / "checkpoints" / "checkpoint-2"
-    _wait_for(lambda: is_complete(ckpt), proc)
+    wait_for(lambda: is_complete(ckpt), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 

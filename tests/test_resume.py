@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from ci_helpers import adapter_tensors, max_abs_diff, read_jsonl, recipe
+from ci_helpers import adapter_tensors, max_abs_diff, read_jsonl, recipe, wait_for
 from conftest import CHAT_ROWS, ftkit
 
 STEPS = 12
@@ -28,18 +27,6 @@ def _start(r: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "ftkit", "sft", str(r), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(pred, proc: subprocess.Popen, timeout: float = 600) -> None:
-    t0 = time.monotonic()
-    while not pred():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"training ended (rc {proc.returncode}) before the interruption point:\n{err[-3000:]}")
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            pytest.fail("timed out waiting for the interruption point")
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +47,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model, referen
 
     # Complete, not merely present: a kill while trainer_state.json is being written leaves checkpoint-4
     # unusable, and --resume rightly falls back to checkpoint-2.
-    _wait_for(lambda: is_complete(partial / "checkpoints" / "checkpoint-4"), proc)
+    wait_for(lambda: is_complete(partial / "checkpoints" / "checkpoint-4"), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "run").exists() and partial.is_dir()
@@ -100,7 +87,7 @@ def test_sigterm_saves_checkpoint_exits_130_then_resume_path(tmp_path, tiny_mode
     r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=train)
     log = tmp_path / "run.partial" / "metrics.jsonl"
     proc = _start(r, "--json")
-    _wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, proc)
+    wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err
