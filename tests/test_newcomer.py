@@ -196,3 +196,6 @@ def test_a_captured_log_shows_a_live_job_and_every_phase(tmp_path, tiny_model, c
     assert not (run / "checkpoints").exists()
     m = json.loads((run / "metrics.json").read_text())
     assert m["total_s"] >= m["wall_s"] > 0
+    # the lifecycle times its own phases; they happen inside the command, training among them
+    assert m["phases_s"]["loading model and data"] > 0 and m["phases_s"]["training"] == pytest.approx(m["wall_s"], abs=0.5)
+    assert sum(m["phases_s"].values()) <= m["total_s"] + 0.05

@@ -37,21 +37,16 @@ def project(metrics: dict, history: list[dict], recipe) -> dict:
             "device": metrics["device"], "total_steps": total, "projected_s": round(total * s_per_step, 1)}
 
 
-# What a run does besides its training steps, by the lifecycle function (or stage hook) that does it.
-PHASES = [("setup_hardware", "start-up (torch, hardware)"), ("build", "loading model and data"), ("trainer_classes", "importing the trainer"),
-          ("_check_not_emptied", "preparing the trainer"),
-          ("evaluate", "evaluation"), ("_save", "saving"), ("_write_extras", "samples and report")]
-MARKS = {"_check_not_emptied"}  # called right after the trainer is built (TRL tokenizes the data there)
-
-
 def project_rest(clock_seconds: dict[str, float], command_s: float, metrics: dict, projection: dict,
                  evals_during_training: int = 0) -> dict:
     """The whole command = projected training steps + the rest, each phase of the rest as timed once
     (they do not grow with the step count), periodic evaluations counted as often as they will run,
     and what no phase accounts for (setup, the training warm-up) as 'other'."""
-    timed = {name: round(clock_seconds.get(name, 0.0), 2) for _, name in PHASES}
+    from ftkit.phase_clock import PHASES, TRAINING
+
+    timed = {name: round(clock_seconds.get(name, 0.0), 2) for name in PHASES}
     steady = projection["seconds_per_step"] * projection["timed_steps"]
-    training = clock_seconds.get("training", metrics["wall_s"])
+    training = clock_seconds.get(TRAINING, metrics["wall_s"])
     rest = dict(timed)
     if evals_during_training and timed["evaluation"]:
         rest["evaluation"] = round(timed["evaluation"] * (1 + evals_during_training), 2)
@@ -63,23 +58,17 @@ def project_rest(clock_seconds: dict[str, float], command_s: float, metrics: dic
 
 
 def _timed_run(r):
-    """Run the recipe's real lifecycle (in a throwaway dir) with each phase timed; returns
+    """Run the recipe's real lifecycle (in a throwaway dir), which times its own phases; returns
     (metrics, history, phase seconds, command seconds)."""
     import time
 
     from ftkit.phase_clock import PhaseClock
     from ftkit.stages import lifecycle
-    from ftkit.stages.registry import get
 
-    stage = get(r.stage).load()
-    targets = [(stage if attr in ("build", "trainer_classes", "evaluate") else lifecycle, attr, name)
-               for attr, name in PHASES]
     clock = PhaseClock()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ftkit-bench-") as tmp, \
-            clock.timing([t for t in targets if t[1] not in MARKS] + [(lifecycle, "_train", "training")],
-                         marks=[t for t in targets if t[1] in MARKS]):
-        run_dir = lifecycle.run(r, output=str(Path(tmp) / "run"), overwrite=True)
+    with tempfile.TemporaryDirectory(prefix="ftkit-bench-") as tmp:
+        run_dir = lifecycle.run(r, output=str(Path(tmp) / "run"), overwrite=True, clock=clock)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return metrics, history, clock.seconds, time.perf_counter() - t0

@@ -16,6 +16,8 @@ from pathlib import Path
 from ftkit import optim
 from ftkit import resume as resuming
 from ftkit.errors import UserError
+from ftkit.phase_clock import (EVALUATION, EXTRAS, LOADING, SAVING, STARTUP, TRAINER_IMPORT, TRAINER_PREP,
+                               TRAINING, PhaseClock)
 from ftkit.recipe import Recipe
 from ftkit.rundir import RunDir, default_output_dir
 from ftkit.stages.base import Built, Context
@@ -41,16 +43,60 @@ def check(recipe: Recipe, produced: frozenset[str] = frozenset()) -> None:
 
 
 def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resume: str | None = None,
-        use_cache: bool = True) -> Path:
-    """Train one stage and commit its run dir. resume: None, "latest" (this run's newest checkpoint) or a path."""
+        use_cache: bool = True, clock: PhaseClock | None = None) -> Path:
+    """Train one stage and commit its run dir. resume: None, "latest" (this run's newest checkpoint) or a path.
+    clock: where the phase times go (metrics.json has those up to its writing either way)."""
     t_start = time.perf_counter()
+    clock = clock or PhaseClock()
     stage = get(recipe.stage).load()
     check(recipe)
     run_dir = RunDir(output or default_output_dir(recipe), overwrite=overwrite, resume=resume is not None)
-    hw = setup_hardware(recipe)
+    with clock.phase(STARTUP):
+        hw = setup_hardware(recipe)
     log(f"loading {recipe.model.name} and the data ...")
-    built = stage.build(recipe, hw, use_cache)
-    config_cls, trainer_cls = stage.trainer_classes(recipe)
+    with clock.phase(LOADING):
+        built = stage.build(recipe, hw, use_cache)
+    with clock.phase(TRAINER_IMPORT):
+        config_cls, trainer_cls = stage.trainer_classes(recipe)
+    with clock.phase(TRAINER_PREP):  # TRL tokenizes the data while the trainer is built
+        trainer, work, ckpt, resumed_from, progress = _prepare(recipe, stage, built, hw, run_dir, resume,
+                                                               config_cls, trainer_cls)
+    evaluate = getattr(stage, "evaluate", None)
+    with explain_oom(recipe), clock.phase(EVALUATION):
+        if evaluate and built.eval is not None:
+            log("evaluating before training ...")
+        before = evaluate(trainer, built, "before") if evaluate else {}
+    with clock.phase(TRAINING):
+        result, wall = _train(trainer, recipe, work, ckpt)
+    with explain_oom(recipe), clock.phase(EVALUATION):
+        if evaluate and built.eval is not None:
+            log("evaluating ...")
+        after = evaluate(trainer, built, "after") if evaluate else {}
+    if hasattr(stage, "after_training"):
+        stage.after_training(trainer, built)
+    log("saving ...")
+    with explain_write_errors(work), clock.phase(SAVING):
+        saved = _save(trainer, work, built)
+    ctx = Context(recipe, hw, built, trainer, result, progress.history, before, after, wall)
+    metrics = {**_common_metrics(ctx, resumed_from, progress.tokens0), **(saved or {}), **stage.summarize(ctx),
+               "phases_s": clock.rounded(), "total_s": round(time.perf_counter() - t_start, 2)}
+    if is_main_process():
+        with explain_write_errors(work):
+            write_json(work / "metrics.json", metrics)
+            finish_run_dir(work, keep_checkpoints=recipe.output.keep_checkpoints)
+        with clock.phase(EXTRAS):
+            _write_extras(stage, recipe, work, trainer, built, run_dir.final)
+    final = run_dir.commit(barrier=barrier)
+    log(f"[green]done[/] in {time.perf_counter() - t_start:.1f}s (training {wall:.1f}s) · {metrics['steps']} steps"
+        f"{stage.done_line(metrics)} · run dir: {final}")
+    del trainer, built
+    _free_memory()
+    return final
+
+
+def _prepare(recipe: Recipe, stage, built: Built, hw, run_dir: RunDir, resume: str | None, config_cls, trainer_cls):
+    """The trainer with its callbacks, in the started run dir; returns (trainer, work dir, checkpoint to
+    resume from, its step, the progress recorder)."""
     # The stage's fields override the shared ones (e.g. sft's batch size and memory levers). In a
     # multi-process run building the config joins the process group.
     args = config_cls(**{**trainer_kwargs(recipe, hw, run_dir.work, built.eval is not None, built.model),
@@ -69,35 +115,7 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
         from ftkit.distributed import heartbeat_callback
 
         trainer.add_callback(heartbeat_callback())  # lets a rank whose peer stopped say which one
-    evaluate = getattr(stage, "evaluate", None)
-    with explain_oom(recipe):
-        if evaluate and built.eval is not None:
-            log("evaluating before training ...")
-        before = evaluate(trainer, built, "before") if evaluate else {}
-    result, wall = _train(trainer, recipe, work, ckpt)
-    with explain_oom(recipe):
-        if evaluate and built.eval is not None:
-            log("evaluating ...")
-        after = evaluate(trainer, built, "after") if evaluate else {}
-    if hasattr(stage, "after_training"):
-        stage.after_training(trainer, built)
-    log("saving ...")
-    with explain_write_errors(work):
-        saved = _save(trainer, work, built)
-    ctx = Context(recipe, hw, built, trainer, result, progress.history, before, after, wall)
-    metrics = {**_common_metrics(ctx, resumed_from, progress.tokens0), **(saved or {}), **stage.summarize(ctx),
-               "total_s": round(time.perf_counter() - t_start, 2)}
-    if is_main_process():
-        with explain_write_errors(work):
-            write_json(work / "metrics.json", metrics)
-            finish_run_dir(work, keep_checkpoints=recipe.output.keep_checkpoints)
-        _write_extras(stage, recipe, work, trainer, built, run_dir.final)
-    final = run_dir.commit(barrier=barrier)
-    log(f"[green]done[/] in {time.perf_counter() - t_start:.1f}s (training {wall:.1f}s) · {metrics['steps']} steps"
-        f"{stage.done_line(metrics)} · run dir: {final}")
-    del trainer, built
-    _free_memory()
-    return final
+    return trainer, work, ckpt, resumed_from, progress
 
 
 def _resume_point(resume: str | None, work: Path) -> tuple[Path | None, int | None]:
