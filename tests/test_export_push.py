@@ -100,3 +100,16 @@ def test_offline_and_unreachable_are_exit_2(run_dir, tmp_path):
 def test_bad_input_is_exit_2(tmp_path, args, msg):
     r = push(str(tmp_path), *args, endpoint="http://127.0.0.1:9", cwd=tmp_path)
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_hostile_recipe_in_a_run_dir_is_a_user_error_not_a_crash(tmp_path):
+    """A run dir may come from elsewhere: its recipe.yaml goes through the bounded YAML loader."""
+    from ftkit.errors import UserError
+    from ftkit.model_card import collect
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    (run / "recipe.yaml").write_text("stage: sft\nmodel: &x [*x]\n")
+    with pytest.raises(UserError, match=r"recipe\.yaml"):
+        collect(run)

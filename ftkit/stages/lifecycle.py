@@ -220,7 +220,7 @@ def _write_extras(stage, recipe: Recipe, work: Path, trainer, built: Built, fina
 def _write_card(recipe: Recipe, work: Path, final: Path) -> None:
     """README.md from what the run left (recipe, metrics), replacing peft's "[More Information Needed]"
     placeholder: the base model by name, method, data, steps, metrics and how to load the run dir."""
-    from ftkit.push import collect, model_card
+    from ftkit.model_card import collect, model_card
 
     kind, files, facts = collect(work)
     files = [final / f.name for f in files] + [final / "README.md"]
