@@ -103,13 +103,13 @@ def _gguf_preflight(target: str) -> None:
 
 def _run_system(target: str) -> str | None:
     """The recipe's data.system of a run dir (what the model was trained with), for the Modelfile's SYSTEM."""
-    import yaml
+    from ftkit import safe_yaml
 
     recipe = Path(target).expanduser() / "recipe.yaml"
-    if not recipe.is_file():
-        return None
-    data = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
-    return (data.get("data") or {}).get("system")
+    system = safe_yaml.section(safe_yaml.load_mapping_file(recipe), "data", recipe).get("system")
+    if system is not None and not isinstance(system, str):
+        raise UserError(f"{recipe}: data.system: expected text, found {system!r}")
+    return system
 
 
 def export(target: str, fmt: str, quant: str, output: str, overwrite: bool = False, log=print,

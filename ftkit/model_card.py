@@ -28,7 +28,10 @@ def _read(path: Path) -> dict:
     if path.suffix in (".yaml", ".yml"):
         data = safe_yaml.load(safe_yaml.read_text(path), str(path))
     else:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(safe_yaml.read_text(path))
+        except (ValueError, RecursionError) as exc:
+            raise UserError(f"{path}: not valid JSON ({exc}); not written by ftkit, or damaged") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -96,7 +99,7 @@ def _usage(kind: str, repo: str, files: list[Path], base: str | None) -> str:
 def model_card(kind: str, repo: str, files: list[Path], facts: dict, intro: str | None = None) -> str:
     """The README.md of an upload (repo: org/name) or of a run dir (repo: its path, intro: how it was made)."""
     recipe = facts.get("recipe") or {}
-    model, method, data = recipe.get("model") or {}, recipe.get("method") or {}, recipe.get("data") or {}
+    model, method, data = (safe_yaml.section(recipe, k, "recipe.yaml") for k in ("model", "method", "data"))
     base_name = model.get("name") or (facts.get("metrics") or {}).get("base_model")
     base = _hub_base(base_name)
     front = {"library_name": {"adapter": "peft", "model": "transformers", "gguf": "gguf"}[kind],

@@ -103,7 +103,11 @@ def load_pipeline(file: str) -> tuple[list[Stage], Path]:
     if unknown:
         key = sorted(unknown)[0]
         raise UserError(f"{src}:{located.line_of((key,))}: unknown key {key!r}; a pipeline has stages and output")
-    root = Path(doc.get("output") or Path("runs") / path.stem)
+    output = doc.get("output")
+    if output is not None and not isinstance(output, str):
+        raise UserError(f"{src}:{located.line_of(('output',))}: output: a directory for the stages' run dirs "
+                        f"(e.g. output: runs/my-pipeline), not a {type(output).__name__}")
+    root = Path(output or Path("runs") / path.stem)
     names = list(doc["stages"])
     outputs: dict[str, str] = {}
     stages: list[Stage] = []
@@ -143,8 +147,14 @@ def load_pipeline(file: str) -> tuple[list[Stage], Path]:
                 raise UserError(f"{where}: stage {name}: its recipe has no `stage:` and {name!r} is not a stage "
                                 f"({', '.join(STAGES)})")
             data["stage"] = name
-        out = (data.get("output") or {}).get("dir") or str(root / name)
-        data.setdefault("output", {})["dir"] = out
+        section = data.get("output")
+        if section is not None and not isinstance(section, dict):
+            raise UserError(f"{where}: stage {name}: output: a mapping (output: {{dir: ...}}), "
+                            f"not a {type(section).__name__}")
+        out = (section or {}).get("dir") or str(root / name)
+        if not isinstance(out, str):
+            raise UserError(f"{where}: stage {name}: output.dir: a directory path, not {out!r}")
+        data["output"] = {**(section or {}), "dir": out}
         recipe = load_recipe(rsrc, data=data, located=rlocated, origin=origin)
         if out in outputs.values():
             other = next(k for k, v in outputs.items() if v == out)

@@ -439,17 +439,25 @@ class _Located:
     """Where each key path of a YAML document sits: path tuple -> line (1-based)."""
 
     def __init__(self, text: str):
-        self.lines: dict[tuple, int] = {}
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None:
-            self._walk(node, ())
+        self._text, self._lines = text, None
+
+    @property
+    def lines(self) -> dict[tuple, int]:
+        # Composed on first use: a recipe that validates never needs its line numbers, and this
+        # second parse of the text was half the cost of loading one.
+        if self._lines is None:
+            self._lines = {}
+            node = yaml.compose(self._text, Loader=yaml.SafeLoader)
+            if node is not None:
+                self._walk(node, ())
+        return self._lines
 
     def _walk(self, node: yaml.Node, path: tuple) -> None:
-        self.lines.setdefault(path, node.start_mark.line + 1)
+        self._lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 sub = path + (key.value,)
-                self.lines[sub] = key.start_mark.line + 1
+                self._lines[sub] = key.start_mark.line + 1
                 self._walk(value, sub)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):

@@ -7,16 +7,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
+from ftkit import safe_yaml
 from ftkit.errors import UserError
 
 
-def _recipe(run_dir: Path) -> dict:
-    recipe = Path(run_dir) / "recipe.yaml"
-    if not recipe.is_file():
-        return {}
-    return yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+def _field(run_dir: Path, sec: str, key: str, kind: type | tuple, default=None):
+    """recipe.yaml's sec.key of a run dir, of the given type; a hostile or damaged file is a UserError."""
+    path = Path(run_dir) / "recipe.yaml"
+    value = safe_yaml.section(safe_yaml.load_mapping_file(path), sec, path).get(key, default)
+    if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
+        raise UserError(f"{path}: {sec}.{key}: expected {getattr(kind, '__name__', kind)}, found {value!r}; "
+                        "this file was not written by ftkit or was damaged")
+    return value
 
 
 def _adapter_config(path: Path) -> dict:
@@ -29,7 +31,7 @@ def is_adapter_dir(path: Path) -> bool:
 
 def adapter_base_name(adapter_dir: Path) -> str:
     """The base an adapter was trained on: the run's recipe (keeps aliases/gguf), else the adapter config."""
-    name = (_recipe(adapter_dir).get("model") or {}).get("name")
+    name = _field(adapter_dir, "model", "name", str)
     if name:
         if is_adapter_dir(Path(name).expanduser()):
             # Trained on top of another run (e.g. DPO after SFT), whose adapter was folded into this one.
@@ -42,16 +44,16 @@ def adapter_base_name(adapter_dir: Path) -> str:
 
 
 def run_trust_remote_code(run_dir: Path) -> bool:
-    return bool((_recipe(run_dir).get("model") or {}).get("trust_remote_code", False))
+    return bool(_field(run_dir, "model", "trust_remote_code", bool, False))
 
 
 def run_method(run_dir: Path) -> str | None:
     """method.type a run dir was trained with (from its recipe.yaml), if known."""
-    return (_recipe(run_dir).get("method") or {}).get("type")
+    return _field(run_dir, "method", "type", str)
 
 
 def run_bits(run_dir: Path) -> int:
-    return int((_recipe(run_dir).get("method") or {}).get("bits", 4))
+    return _field(run_dir, "method", "bits", int, 4)
 
 
 def is_reward_adapter(path: Path) -> bool:

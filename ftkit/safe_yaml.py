@@ -182,3 +182,30 @@ def load_value(raw: str, where: str) -> Any:
         return load(raw, where, lines=False)
     except YamlSyntaxError:
         return raw
+
+
+def load_mapping_file(path: Path | str, what: str = "a recipe") -> dict:
+    """A YAML file ftkit wrote (a run dir's recipe.yaml) read back within the same limits: a run dir
+    may come from anywhere (a download, a shared disk), so a hostile one is a UserError, not a crash.
+    A missing or empty file is {}; anything but a mapping is a UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    data = load(read_text(path, str(path)), str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}:1: expected {what} (a mapping of sections), found {type(data).__name__}; "
+                        "this file was not written by ftkit or was damaged")
+    return data
+
+
+def section(data: dict, name: str, where: Path | str) -> dict:
+    """data[name] as a mapping ({} when absent); anything else is a UserError naming the file and key."""
+    value = data.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: {name}: expected a mapping, found {type(value).__name__}; "
+                        "this file was not written by ftkit or was damaged")
+    return value

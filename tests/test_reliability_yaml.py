@@ -99,3 +99,74 @@ def test_cli_exit_2_without_traceback(tmp_path):
     bad.write_bytes(b"stage: sft\n\xff\xfe\n")
     res = ftkit("validate", str(bad))
     assert res.returncode == 2 and "not UTF-8" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+# A run dir's recipe.yaml is read back by merge, export, serve, chat and push; a downloaded run dir
+# may carry a hostile one. Each reader goes through the same bounded loader.
+RUN_DIR_RECIPES = {
+    "self_alias": (BAD["self_alias"][0], "alias refers to a node that contains it"),
+    "alias_bomb": (BOMB, "alias bomb"),
+    "not_a_mapping": ("- a\n- b\n", "expected a recipe (a mapping of sections), found list"),
+    "section_not_a_mapping": ("model: [a, b]\n", "model: expected a mapping, found list"),
+    "wrong_type": ("model:\n  name: 5\n", "model.name: expected str, found 5"),
+    "bits_bool": ("method:\n  type: qlora\n  bits: true\n", "method.bits: expected int"),
+    "not_utf8": ("model:\n  name: caf\udce9\n", "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUN_DIR_RECIPES))
+def test_hostile_run_dir_recipe_is_a_user_error(tmp_path, name):
+    from ftkit import runmeta
+    from ftkit.export import _run_system
+    from ftkit.model_card import _read
+
+    text, expected = RUN_DIR_RECIPES[name]
+    (tmp_path / "recipe.yaml").write_bytes(text.encode("utf-8", "surrogateescape"))
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "x"}', encoding="utf-8")
+    readers = [lambda: runmeta.adapter_base_name(tmp_path), lambda: runmeta.run_bits(tmp_path),
+               lambda: runmeta.run_trust_remote_code(tmp_path), lambda: runmeta.run_method(tmp_path)]
+    if name not in ("wrong_type", "bits_bool"):  # readers of other fields: those files are fine for them
+        readers += [lambda: _run_system(tmp_path), lambda: _read(tmp_path / "recipe.yaml")]
+    failed = 0
+    for read in readers:
+        try:
+            read()
+        except UserError as exc:
+            failed += 1
+            assert expected in str(exc) and "recipe.yaml" in str(exc), exc
+    assert failed >= 1
+
+
+def test_cli_hostile_run_dir_recipe_exit_2(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text('{"base_model_name_or_path": "x"}', encoding="utf-8")
+    (run / "recipe.yaml").write_text(BOMB, encoding="utf-8")
+    res = ftkit("merge-lora", str(run), "--output", str(tmp_path / "merged"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "alias bomb" in res.stderr, res.stderr
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("tail,expected", [
+    ("output:\n  rl: {recipe: {stage: rl}}\n", "output: a directory for the stages' run dirs"),  # fuzz finding
+    ("output: 5\n", "not a int"),
+])
+def test_pipeline_output_must_be_a_path(tmp_path, tail, expected):
+    from ftkit.pipeline import load_pipeline
+
+    p = tmp_path / "pipe.yaml"
+    p.write_text("stages:\n  sft: {recipe: {stage: sft}}\n" + tail, encoding="utf-8")
+    with pytest.raises(UserError, match="pipe.yaml:") as info:
+        load_pipeline(str(p))
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("section,expected", [("[a]", "output: a mapping"), ("{dir: 7}", "output.dir: a directory path")])
+def test_pipeline_stage_output_must_be_a_mapping_with_a_path(tmp_path, section, expected):
+    from ftkit.pipeline import load_pipeline
+
+    p = tmp_path / "pipe.yaml"
+    p.write_text(f"stages:\n  sft: {{recipe: {{stage: sft, output: {section}}}}}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="stage sft") as info:
+        load_pipeline(str(p))
+    assert expected in str(info.value)
