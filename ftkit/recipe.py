@@ -447,7 +447,8 @@ class _Located:
         # second parse of the text was half the cost of loading one.
         if self._lines is None:
             self._lines = {}
-            node = yaml.compose(self._text, Loader=yaml.SafeLoader)
+            # safe_yaml.load has bounded this text already, so libyaml's composer is safe (and fast) here.
+            node = yaml.compose(self._text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
             if node is not None:
                 self._walk(node, ())
         return self._lines

@@ -21,6 +21,7 @@ MAX_DEPTH = 100  # no recipe nests more than ~6 deep
 MAX_NODES = 100_000  # counted with every alias expanded; a real recipe has a few hundred
 MAX_INT_BITS = 63  # every integer field fits an int64
 _STR, _MERGE = "tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"
+PURE_PYTHON = False  # True: PyYAML's own parser even where libyaml is installed (tests run both)
 
 
 class YamlSyntaxError(UserError):
@@ -32,13 +33,11 @@ class _Limit(Exception):
         self.mark, self.problem = mark, problem
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that stops at MAX_DEPTH while composing and maps value errors to their line."""
+class _Bounded(yaml.composer.Composer, yaml.constructor.SafeConstructor):
+    """The limits, over whichever parser supplies the events: stops at MAX_DEPTH while composing
+    and maps value errors to their line."""
 
-    def __init__(self, text: str):
-        super().__init__(text)
-        self._depth = 0
-        self._count = 0
+    _depth = _count = 0
 
     def compose_node(self, parent, index):
         self._depth += 1
@@ -51,13 +50,6 @@ class _Loader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
-
-    def fetch_flow_collection_start(self, TokenClass):
-        # The scanner looks ahead over every open `[`/`{` for a possible key: quadratic in the
-        # nesting, so stop it here, before the composer ever sees the depth.
-        if self.flow_level >= MAX_DEPTH:
-            raise _Limit(self.get_mark(), f"nested more than {MAX_DEPTH} levels deep")
-        super().fetch_flow_collection_start(TokenClass)
 
     def construct_object(self, node, deep=False):
         try:
@@ -74,7 +66,31 @@ class _Loader(yaml.SafeLoader):
         return value
 
 
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Bounded.add_constructor("tag:yaml.org,2002:int", _Bounded.construct_yaml_int)
+
+
+class _Loader(_Bounded, yaml.SafeLoader):
+    """Pure Python: PyYAML's reader, scanner and parser."""
+
+    def fetch_flow_collection_start(self, TokenClass):
+        # The scanner looks ahead over every open `[`/`{` for a possible key: quadratic in the
+        # nesting, so stop it here, before the composer ever sees the depth.
+        if self.flow_level >= MAX_DEPTH:
+            raise _Limit(self.get_mark(), f"nested more than {MAX_DEPTH} levels deep")
+        super().fetch_flow_collection_start(TokenClass)
+
+
+_CParser = getattr(getattr(yaml, "_yaml", None), "CParser", None)
+if _CParser is not None:
+    class _CLoader(_Bounded, _CParser, yaml.resolver.Resolver):
+        """libyaml scans and parses (~5x faster; its scanner stops flow nesting at 1,000 on its own);
+        the composing, with the limits, and the constructing stay in Python, as in _Loader."""
+
+        def __init__(self, text: str):
+            _CParser.__init__(self, text)
+            yaml.composer.Composer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
 
 
 def _check_graph(root: yaml.Node) -> None:
@@ -151,7 +167,7 @@ def load(text: str, where: str, lines: bool = True) -> Any:
         raise YamlSyntaxError(f"{where}: contains a NUL byte; this is not a text file")
     loader = None
     try:
-        loader = _Loader(text)  # its reader already rejects control characters
+        loader = (_CLoader if _CParser is not None and not PURE_PYTHON else _Loader)(text)  # both reject control chars
         node = loader.get_single_node()
         if node is None:
             return None
@@ -163,10 +179,14 @@ def load(text: str, where: str, lines: bool = True) -> Any:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None and lines else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if problem == "exceeded maximum nesting depth":  # libyaml's own limit (1,000) on flow nesting
+            raise UserError(f"{where}{line}: nested more than {MAX_DEPTH} levels deep") from None
         context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
         if context:  # e.g. "second occurrence" means little without "found duplicate anchor ...; first occurrence"
             problem += f" ({context}{f' at line {cmark.line + 1}' if cmark is not None else ''})"
         raise YamlSyntaxError(f"{where}{line}: not valid YAML: {problem}") from None
+    except UnicodeEncodeError as exc:  # libyaml takes UTF-8: a lone surrogate (undecodable bytes in argv)
+        raise YamlSyntaxError(f"{where}: not valid YAML: {exc.object[exc.start:exc.end]!r} is not Unicode text") from None
     except RecursionError:  # a safety net; the limits above are meant to stop everything first
         raise UserError(f"{where}: nested too deeply to read") from None
     finally:
