@@ -29,9 +29,11 @@ class Limits:
     max_body_bytes: int = 1 << 20  # 413 above this (a chat request is a few kB)
     read_timeout_s: float = 10.0  # 408 when the body has not fully arrived by then (a stalled client)
     max_tokens: int = 2048  # 400 when a request asks for more new tokens than this
-    queue: int = 16  # requests admitted beyond the one generating; more get 503 + Retry-After at once
+    queue: int = 16  # requests admitted beyond those generating; more get 503 + Retry-After at once
     request_timeout_s: float = 300.0  # a request's wait for the model plus its generation
     retry_after_s: int = 5
+    max_batch: int = 8  # waiting requests generated together in one batch (1: one at a time)
+    batch_wait_ms: float = 10.0  # how long a request waits for others to join its batch when the model is idle
 
     def busy(self, why: str) -> APIError:
         return APIError(503, f"the server is busy ({why}); retry in {self.retry_after_s} s", type_="server_error",
@@ -52,11 +54,13 @@ class Slot:
 
 
 class Admission:
-    """A bounded queue: one request generating and `limits.queue` waiting; the next gets a 503 at once."""
+    """A bounded queue: a batch (up to `limits.max_batch`) generating and `limits.queue` waiting;
+    the next gets a 503 at once."""
 
     def __init__(self, limits: Limits):
         self.limits = limits
-        self._sem = threading.BoundedSemaphore(limits.queue + 1)
+        self.capacity = limits.queue + max(1, limits.max_batch)
+        self._sem = threading.BoundedSemaphore(self.capacity)
 
     def admit(self) -> Slot:
         if not self._sem.acquire(blocking=False):

@@ -91,7 +91,8 @@ def test_max_tokens_over_the_cap_is_400(served):
 
 def test_full_queue_is_503_with_retry_after(served):
     engine, port = served
-    held = [engine.queue.admit() for _ in range(LIMITS.queue + 1)]  # one generating and `queue` waiting
+    held = [engine.queue.admit() for _ in range(engine.queue.capacity)]  # a batch generating and `queue` waiting
+    assert engine.queue.capacity == LIMITS.queue + LIMITS.max_batch
     try:
         status, body, headers, took = request(port, CHAT)
         assert status == 503 and body["error"]["code"] == "overloaded" and took < 1
@@ -124,5 +125,32 @@ def test_cli_defaults_are_the_limits_defaults():
 
     p, d = inspect.signature(serve).parameters, Limits()
     assert (p["max_tokens"].default.default, p["queue"].default.default, p["request_timeout"].default.default,
-            p["max_body_kb"].default.default * 1024, p["read_timeout"].default.default) == \
-        (d.max_tokens, d.queue, d.request_timeout_s, d.max_body_bytes, d.read_timeout_s)
+            p["max_body_kb"].default.default * 1024, p["read_timeout"].default.default,
+            p["max_batch"].default.default, p["batch_wait_ms"].default.default) == \
+        (d.max_tokens, d.queue, d.request_timeout_s, d.max_body_bytes, d.read_timeout_s, d.max_batch, d.batch_wait_ms)
+
+
+def test_bad_requests_are_answered_at_once_while_a_batch_generates(served):
+    """Validation never waits on generation: the bad requests are refused in the event loop while
+    the model thread is busy (the tiny model's generate is mostly Python, so it holds the GIL)."""
+    engine, port = served
+    results: list = []
+    long = threading.Thread(target=lambda: results.append(request(port, {**CHAT, "max_tokens": LIMITS.max_tokens})))
+    slow = engine.model.register_forward_hook(lambda *_: [sum(range(20_000))] and None)  # a busy, GIL-holding step
+    try:
+        long.start()
+        batches = engine.batcher.batches
+        while not (engine.batcher.batches > batches and engine.lock.locked()):
+            time.sleep(0.01)  # until the generation holds the model
+        bad = [b'{"model": "tiny", "messages": [', {**CHAT, "max_tokens": 10**9}, {**CHAT, "messages": "hi"},
+               {**CHAT, "model": "gpt-9"}, json.dumps({**CHAT, "pad": "x" * 10_000}).encode()]
+        answers = [request(port, body) for body in bad * 2]
+        busy = engine.lock.locked()
+    finally:
+        long.join(timeout=30)
+        slow.remove()
+    assert busy, "the generation ended before the bad requests did: the test proved nothing"
+    assert [a[0] for a in answers] == [400, 400, 400, 404, 413] * 2
+    print("bad-request latencies (s):", [round(a[3], 3) for a in answers])
+    assert max(a[3] for a in answers) < 1, [round(a[3], 3) for a in answers]
+    assert results and results[0][0] == 200

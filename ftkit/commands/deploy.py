@@ -18,7 +18,12 @@ def serve(model: str = typer.Argument(..., help="Run dir, merged dir, model alia
           quiet: bool = typer.Option(False, "--quiet", help="No log line per request (method, path, status, "
                                                             "tokens, ms) on stderr"),
           max_tokens: int = typer.Option(2048, "--max-tokens", min=1, help="Most new tokens one request may ask for (400 above)"),
-          queue: int = typer.Option(16, "--queue", min=0, help="Requests waiting for the model; more get 503 + Retry-After"),
+          queue: int = typer.Option(16, "--queue", min=0, help="Requests waiting beyond the batch generating; "
+                                                               "more get 503 + Retry-After"),
+          max_batch: int = typer.Option(8, "--max-batch", min=1, help="Waiting requests generated together "
+                                                                      "in one batch (1: one at a time)"),
+          batch_wait_ms: float = typer.Option(10, "--batch-wait-ms", min=0, help="When the model is idle, how long "
+                                              "a request waits for others to join its batch"),
           request_timeout: float = typer.Option(300, "--request-timeout", min=1,
                                                 help="Seconds a request may wait and generate; then it ends"),
           max_body_kb: int = typer.Option(1024, "--max-body-kb", min=1, help="Largest request body (413 above)"),
@@ -30,7 +35,7 @@ def serve(model: str = typer.Argument(..., help="Run dir, merged dir, model alia
     from ftkit.ui import log
 
     limits = Limits(max_body_bytes=max_body_kb * 1024, read_timeout_s=read_timeout, max_tokens=max_tokens, queue=queue,
-                    request_timeout_s=request_timeout)
+                    request_timeout_s=request_timeout, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     run_server(model, host=host, port=port, api_key=api_key, name=name, base=base, log=log, quiet=quiet,
                limits=limits)
 
