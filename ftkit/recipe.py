@@ -637,7 +637,9 @@ def _format_errors(err: ValidationError, where: str, located: _Located | None, o
     """pydantic's errors in the recipe's words: one line per key, at its file:line (or --set item)."""
     groups: dict[tuple, list[dict]] = {}
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
+        raw = tuple(e["loc"])
+        last = raw[-1:] if e["type"] == "extra_forbidden" else ()  # an unknown key is the user's word, even `str:`
+        loc = tuple(p for p in raw[:len(raw) - len(last)] if not (isinstance(p, str) and _UNION_TAG.match(p))) + last
         groups.setdefault(loc, []).append(e)
     out = []
     for loc, group in groups.items():

@@ -1,13 +1,23 @@
-"""kill -9 `ftkit merge-lora` / `ftkit export` at random points; the destination must be absent or complete.
+"""kill -9 ftkit in the middle of its writes; every destination must be absent or complete, and a rerun succeed.
 
-    python scripts/crash_writes.py [--runs 20] [--model DIR] [--work DIR]
+    python scripts/crash_writes.py [--runs 20] [--kinds merge-lora,export,checkpoint,rename] [--work DIR]
 
-Builds a small LoRA adapter on --model (default: the tests' tiny random model, built here), times
-one clean run of each command, then --runs times per command starts it (half of them with
---overwrite over a finished output), SIGKILLs it after a random fraction of that time, and checks:
-the destination is absent, or it is complete (config.json, loadable safetensors, the command's
-report file) and not half-replaced; after all kills a plain rerun succeeds. Prints one JSON line.
-Everything is written under --work (default: a temp dir), outside the repository.
+Write kinds (each on the tests' tiny random model, built here):
+  merge-lora  `ftkit merge-lora ADAPTER --output OUT` (half of the runs with --overwrite over a finished OUT)
+  export      `ftkit export BASE --format safetensors --quantize f16 --output OUT` (same)
+  checkpoint  `ftkit sft` saving a checkpoint every step, killed anywhere in the run; the next run is
+              `--resume`, so kills land in resumed runs too
+  rename      `ftkit sft`, killed around the final save and the `.partial` -> final rename (half of the
+              runs with --overwrite over a finished run dir)
+
+The commands run in forked children of this process, which has imported ftkit, torch and
+transformers once, so a run costs its work, not its imports; kills are drawn mostly inside the
+window where the clean run was seen writing. After each kill: the destination is absent or
+complete (every safetensors tensor reads, config/report/recipe parse; for a run dir also the
+adapter), the checkpoint `--resume` would pick loads (weights, optimizer with weights_only=True,
+trainer_state), and the output's lock is free (a killed holder never leaves it stuck). After all
+kills of a kind a plain rerun (--resume / --overwrite) exits 0 with a complete destination and no
+lock file left. Prints one JSON line per kind and a summary; exit 1 on any violation.
 """
 
 from __future__ import annotations
@@ -18,97 +28,269 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
+os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")  # fork-safe torch
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+KINDS = ("merge-lora", "export", "checkpoint", "rename")
+MARK = "old-output.marker"  # put into a finished output before an --overwrite run: tells the old copy from the new
 
 
-def build_inputs(work: Path, model: str | None) -> tuple[Path, Path]:
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import build_tiny  # noqa: E402
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+def fork(fn, log: Path) -> int:
+    """Run fn() in a forked child with its output in log; returns the pid (its exit code is fn's)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        fn()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
-    from ftkit.models import resolve_model
 
-    base = Path(model) if model else build_tiny(work / "tiny", Path(resolve_model("smollm2-135m-instruct")))
-    adapter = work / "adapter"
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    peft.save_pretrained(adapter)
-    return base, adapter
+def cli(argv: list[str]):
+    def run():
+        from ftkit.cli import main
 
-
-def command(kind: str, base: Path, adapter: Path, out: Path) -> list[str]:
-    if kind == "merge-lora":
-        return [sys.executable, "-m", "ftkit", "merge-lora", str(adapter), "--output", str(out)]
-    return [sys.executable, "-m", "ftkit", "export", str(base), "--format", "safetensors", "--quantize", "f16",
-            "--output", str(out)]
+        sys.argv = ["ftkit", *argv]
+        main()
+    return run
 
 
-def complete(kind: str, out: Path) -> bool:
+def wait(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+class Kind:
+    """One write kind: its command, its destination and what complete means there."""
+
+    def __init__(self, name: str, work: Path, base: Path, adapter: Path, recipe: Path):
+        self.name, self.work = name, work
+        self.out = work / f"out-{name}"
+        self.partial = self.out.parent / f"{self.out.name}.partial"
+        if name == "merge-lora":
+            self.argv = ["merge-lora", str(adapter), "--output", str(self.out)]
+        elif name == "export":
+            self.argv = ["export", str(base), "--format", "safetensors", "--quantize", "f16", "--output", str(self.out)]
+        else:
+            self.argv = ["sft", str(recipe), "--output", str(self.out)]
+
+    def rerun_args(self) -> list[str]:
+        if self.name in ("checkpoint", "rename") and not self.out.exists():
+            return ["--resume"]
+        return ["--overwrite"] if self.out.exists() else []
+
+    def complete(self) -> bool:
+        return _complete(self.name, self.out)
+
+
+def _tensors(path: Path) -> int:
     from safetensors import safe_open
 
-    report = out / ("ftkit_merge.json" if kind == "merge-lora" else "ftkit_export.json")
+    with safe_open(str(path), "pt") as fh:
+        return sum(fh.get_tensor(k).numel() >= 0 for k in fh.keys())
+
+
+def _complete(kind: str, out: Path) -> bool:
+    """Every file a user loads is there and reads."""
     try:
+        if kind in ("checkpoint", "rename"):
+            from ftkit import safe_yaml
+
+            json.loads((out / "adapter_config.json").read_text())
+            json.loads((out / "metrics.json").read_text())
+            safe_yaml.load_mapping_file(out / "recipe.yaml")
+            return _tensors(out / "adapter_model.safetensors") > 0
         json.loads((out / "config.json").read_text())
-        json.loads(report.read_text())
-        for f in out.glob("*.safetensors"):
-            with safe_open(str(f), "pt") as fh:
-                list(fh.keys())
-        return any(out.glob("*.safetensors"))
-    except (OSError, ValueError, Exception):
+        json.loads((out / ("ftkit_merge.json" if kind == "merge-lora" else "ftkit_export.json")).read_text())
+        files = list(out.glob("*.safetensors"))
+        return bool(files) and all(_tensors(f) > 0 for f in files)
+    except Exception:
         return False
 
 
-def one_kill(kind: str, base: Path, adapter: Path, out: Path, clean_s: float, rng: random.Random) -> dict:
-    overwrite = rng.random() < 0.5 and out.exists()
-    args = command(kind, base, adapter, out) + (["--overwrite"] if overwrite else [])
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    delay = rng.uniform(0.05, 1.1) * clean_s
+def checkpoint_state(partial: Path) -> str:
+    """'none', 'ok' (the checkpoint --resume picks loads), or 'BAD: ...'."""
+    from ftkit.resume import latest_checkpoint
+
+    ckpt = latest_checkpoint(partial) if partial.is_dir() else None
+    if ckpt is None:
+        return "none"
+    try:
+        import torch
+
+        json.loads((ckpt / "trainer_state.json").read_text())
+        assert _tensors(ckpt / "adapter_model.safetensors") > 0
+        torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        return "ok"
+    except Exception as exc:
+        return f"BAD: {ckpt.name}: {type(exc).__name__}: {str(exc)[:120]}"
+
+
+def lock_free(out: Path) -> bool:
+    from ftkit.locks import OutputLocked, lock_output, release_output
+
+    try:
+        lock_output(out)
+    except OutputLocked:
+        return False
+    release_output(out)
+    return True
+
+
+def clean_run(kind: Kind) -> tuple[float, float, float]:
+    """(seconds, first write seen, destination seen) of an unkilled run, polling the output's folder."""
+    log = kind.work / f"{kind.name}.clean.log"
+    ours = (kind.out.name, f"{kind.out.name}.partial", f".{kind.out.name}.")
+    t0 = time.monotonic()
+    pid = fork(cli(kind.argv), log)
+    first = final = None
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        now = time.monotonic() - t0
+        names = [p.name for p in kind.work.iterdir() if p.name.startswith(ours) and not p.name.endswith(".lock")]
+        if first is None and names:
+            first = now
+        if final is None and kind.out.exists():
+            final = now
+        if done:
+            break
+        time.sleep(0.005)
+    total = time.monotonic() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{kind.name}: the clean run failed, see {log}:\n{log.read_text()[-2000:]}")
+    return total, first if first is not None else 0.0, final if final is not None else total
+
+
+def kill_time(kind: Kind, timing: tuple[float, float, float], rng: random.Random) -> float:
+    total, first, final = timing
+    if rng.random() < 0.2:
+        return rng.uniform(0, total)  # anywhere: loading, tokenizing, training too
+    if kind.name == "rename":
+        return rng.uniform(max(first, final - 0.15 * total), final + 0.02 * total)  # the final save and rename
+    return rng.uniform(first, total * 1.02)  # while writing
+
+
+def one_kill(kind: Kind, timing, rng: random.Random, i: int) -> dict:
+    overwrite = kind.out.exists() and (kind.name == "checkpoint" or rng.random() < 0.5)
+    if not overwrite and kind.name != "checkpoint":  # a fresh run, as long as the clean one
+        for p in (kind.out, kind.partial):
+            shutil.rmtree(p, ignore_errors=True)
+    if overwrite:
+        (kind.out / MARK).write_text("old")
+    args = kind.argv + (["--overwrite"] if overwrite else ["--resume"] if kind.name == "checkpoint" else [])
+    delay = kill_time(kind, timing, rng)
+    pid = fork(cli(args), kind.work / f"{kind.name}.kills.log")
     time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    state = "absent" if not out.exists() else ("complete" if complete(kind, out) else "HALF-WRITTEN")
-    return {"kind": kind, "overwrite": overwrite, "killed_at_s": round(delay, 2), "rc": proc.returncode,
-            "destination": state}
+    os.kill(pid, signal.SIGKILL)
+    rc = wait(pid)
+    if not kind.out.exists():
+        state = "absent"
+    elif kind.complete():
+        state = "complete (old)" if (kind.out / MARK).exists() else "complete (new)"
+    else:
+        state = "HALF-WRITTEN"
+    record = {"i": i, "killed_at_s": round(delay, 3), "rc": rc, "overwrite": overwrite, "destination": state,
+              "lock_free": lock_free(kind.out)}
+    if kind.name in ("checkpoint", "rename"):
+        record["checkpoint"] = checkpoint_state(kind.partial)
+    return record
 
 
-def main() -> None:
+def run_kind(kind: Kind, runs: int, rng: random.Random) -> dict:
+    timing = clean_run(kind)
+    shutil.rmtree(kind.out)  # the first kill lands in a fresh run
+    kills = [one_kill(kind, timing, rng, i) for i in range(runs)]
+    log = kind.work / f"{kind.name}.rerun.log"
+    again = kind.rerun_args()
+    rc = wait(fork(cli(kind.argv + again), log))
+    from ftkit.locks import lock_path
+
+    rerun = {"args": again, "rc": rc, "complete": kind.complete(),
+             "lock_file_left": lock_path(kind.out).exists()}
+    states: dict[str, int] = {}
+    for k in kills:
+        states[k["destination"]] = states.get(k["destination"], 0) + 1
+        if "checkpoint" in k:
+            states[f"checkpoint {k['checkpoint'].split(':')[0]}"] = states.get(
+                f"checkpoint {k['checkpoint'].split(':')[0]}", 0) + 1
+    bad = [k for k in kills if k["destination"] == "HALF-WRITTEN" or not k["lock_free"]
+           or k.get("checkpoint", "").startswith("BAD")]
+    ok = not bad and rc == 0 and rerun["complete"] and not rerun["lock_file_left"]
+    return {"kind": kind.name, "kills": len(kills), "states": states, "clean_run_s": [round(t, 2) for t in timing],
+            "rerun": rerun, "bad": bad, "ok": ok, "rerun_log": None if rc == 0 else log.read_text()[-1500:]}
+
+
+def build_inputs(work: Path) -> tuple[Path, Path, Path]:
+    """The tiny model, a LoRA adapter on it and an sft recipe, made in a child (torch stays unused here)."""
+    base, adapter, recipe = work / "tiny", work / "adapter", work / "sft.yaml"
+
+    def make():
+        from conftest import CHAT_ROWS, build_tiny, write_recipe
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        from ftkit.models import resolve_model
+
+        build_tiny(base, Path(resolve_model("smollm2-135m-instruct")))
+        peft = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                              LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        peft.save_pretrained(adapter)
+        data = work / "chat.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS), encoding="utf-8")
+        write_recipe(recipe, base, data, train={"max_steps": 3, "save_steps": 1, "save_total_limit": 2,
+                                                 "logging_steps": 1, "batch_size": 4, "learning_rate": 1e-3},
+                     output={"samples": 0})
+
+    if wait(fork(make, work / "setup.log")) != 0:
+        raise SystemExit(f"building the inputs failed:\n{(work / 'setup.log').read_text()[-2000:]}")
+    return base, adapter, recipe
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=20, help="kills per command")
-    ap.add_argument("--model", help="base model dir (default: a tiny random model built here)")
+    ap.add_argument("--runs", type=int, default=20, help="kills per write kind")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
     ap.add_argument("--work", help="scratch dir (default: a new temp dir, removed at the end)")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="ftkit-crash-"))
     work.mkdir(parents=True, exist_ok=True)
+    import ftkit.cli  # noqa: F401  (imported once here; every forked run starts warm)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
     rng = random.Random(args.seed)
-    base, adapter = build_inputs(work, args.model)
-    results, reruns = [], {}
-    for kind in ("merge-lora", "export"):
-        out = work / f"out-{kind}"
-        t0 = time.monotonic()
-        subprocess.run(command(kind, base, adapter, out), check=True, capture_output=True, env=ENV)
-        clean_s = time.monotonic() - t0
-        shutil.rmtree(out)
-        results += [one_kill(kind, base, adapter, out, clean_s, rng) for _ in range(args.runs)]
-        rerun = subprocess.run(command(kind, base, adapter, out) + ["--overwrite"], capture_output=True, env=ENV)
-        reruns[kind] = {"rc": rerun.returncode, "complete": complete(kind, out), "clean_run_s": round(clean_s, 1)}
-    bad = [r for r in results if r["destination"] == "HALF-WRITTEN"]
-    summary = {"kills": len(results), "half_written": len(bad),
-               "absent": sum(r["destination"] == "absent" for r in results),
-               "complete": sum(r["destination"] == "complete" for r in results), "reruns": reruns, "bad": bad}
-    print(json.dumps(summary))
+    t0 = time.monotonic()
+    base, adapter, recipe = build_inputs(work)
+    results = []
+    for name in args.kinds.split(","):
+        results.append(run_kind(Kind(name, work, base, adapter, recipe), args.runs, rng))
+        print(json.dumps(results[-1]), flush=True)
+    ok = all(r["ok"] for r in results)
+    print(json.dumps({"kills": {r["kind"]: r["kills"] for r in results}, "ok": ok,
+                      "seconds": round(time.monotonic() - t0, 1)}), flush=True)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
-    sys.exit(1 if bad or any(r["rc"] != 0 or not r["complete"] for r in reruns.values()) else 0)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

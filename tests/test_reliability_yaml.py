@@ -183,3 +183,11 @@ def test_pipeline_stage_output_must_be_a_mapping_with_a_path(tmp_path, section, 
     with pytest.raises(UserError, match="stage sft") as info:
         load_pipeline(str(p))
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("item", ["str=1", "int=x", "train.str=1", "method.function-after=1"])
+def test_unknown_key_named_like_a_pydantic_union_tag(item):
+    # Fuzz finding: a key `str:` was taken for pydantic's union-member tag and dropped, leaving an
+    # empty key path (IndexError) instead of "unknown key".
+    with pytest.raises(UserError, match=f"unknown key '{item.split('=')[0]}'"):
+        load_recipe(None, [item])
