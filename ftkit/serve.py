@@ -77,6 +77,7 @@ class Tool(_Open):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     tools: list[Tool] | None = None
+    tool_choice: Union[StrictStr, dict, None] = None  # checked against the tools by toolcalls.choose
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
@@ -150,7 +151,8 @@ class Engine:
             raise APIError(404, f"The model `{requested}` does not exist; this server serves `{self.name}`.",
                            param="model", code="model_not_found")
 
-    def chat_ids(self, messages: list[Message], tools: list[Tool] | None = None) -> list[int]:
+    def chat_ids(self, messages: list[Message], tools: list[dict] | None = None, prefill: str = "") -> list[int]:
+        """The prompt's token ids; `prefill` (the reply's forced start) follows the generation prompt."""
         from ftkit.inference import render_prompt
         from ftkit.toolcalls import request_messages
 
@@ -160,10 +162,10 @@ class Engine:
             extra = {k: v for k, v in (m.model_extra or {}).items() if k in ("tool_calls", "tool_call_id", "name")}
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text, **extra})
         try:
-            text = render_prompt(self.tok, request_messages(msgs), [t.model_dump() for t in tools or []])
+            text = render_prompt(self.tok, request_messages(msgs), tools)
         except Exception as exc:  # the model's own template rejected the conversation (e.g. role order)
             raise APIError(400, f"the model's chat template rejected these messages: {exc}", param="messages") from None
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.tok(text + prefill, add_special_tokens=False)["input_ids"]
 
     def text_ids(self, prompt: str) -> list[int]:
         return self.tok(prompt)["input_ids"]
@@ -295,15 +297,15 @@ def _sse(obj) -> str:
 
 
 def _whole_reply(engine: Engine, kind: str, rid: str, now: int, req: _Sampling, prompts: list[list[int]],
-                 budgets: list[int], strip: bool) -> dict:
+                 budgets: list[int], strip: bool, prefill: str | None) -> dict:
     choices, completion = [], 0
     for i, (ids, budget) in enumerate(zip(prompts, budgets)):
         outcome = Outcome()
         text = "".join(engine.stream(ids, budget, req, strip, outcome))
         completion += outcome.completion_tokens
         body = ({"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text})
-        if getattr(req, "tools", None):  # OpenAI tool_calls, parsed by the template's markers
-            body["message"], called = toolcalls.message(text, engine.tok.chat_template)
+        if prefill is not None:  # OpenAI tool_calls, parsed by the template's markers
+            body["message"], called = toolcalls.message(prefill + text, engine.tok.chat_template)
             outcome.finish_reason = "tool_calls" if called else outcome.finish_reason
         choices.append({"index": i, **body, "logprobs": None, "finish_reason": outcome.finish_reason})
     prompt_tokens = sum(len(p) for p in prompts)
@@ -314,7 +316,7 @@ def _whole_reply(engine: Engine, kind: str, rid: str, now: int, req: _Sampling, 
 
 
 def _stream_events(engine: Engine, kind: str, rid: str, now: int, req: _Sampling, prompts: list[list[int]],
-                   budgets: list[int], strip: bool, usage: dict, slot: Slot):
+                   budgets: list[int], strip: bool, usage: dict, slot: Slot, prefill: str | None):
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def chunk(i: int, text: str | None, finish: str | None, first: bool = False, delta: dict | None = None) -> dict:
@@ -331,10 +333,10 @@ def _stream_events(engine: Engine, kind: str, rid: str, now: int, req: _Sampling
             if kind == "chat":
                 yield _sse(chunk(i, None, None, first=True))
             outcome = Outcome()
-            if getattr(req, "tools", None):  # content streams; each tool call arrives whole at the end
+            if prefill is not None:  # content streams; calls stream as they are written (toolcalls.ToolStream)
                 called: dict = {}
                 for delta in toolcalls.stream_deltas(engine.stream(ids, budget, req, strip, outcome),
-                                                     engine.tok.chat_template, called):
+                                                     engine.tok.chat_template, called, prefill):
                     yield _sse(chunk(i, None, None, delta=delta))
                 outcome.finish_reason = "tool_calls" if called["tool_calls"] else outcome.finish_reason
             else:
@@ -357,7 +359,9 @@ def _stream_events(engine: Engine, kind: str, rid: str, now: int, req: _Sampling
 
 
 def _respond(engine: Engine, kind: str, req: _Sampling, prompts: list[list[int]], max_tokens: int | None,
-             strip: bool, usage: dict, slot: Slot):
+             strip: bool, usage: dict, slot: Slot, prefill: str | None = None):
+    """`prefill`: None when no tools are offered, else the reply's forced start ("" for none); replies
+    are then parsed for tool calls."""
     from ftkit.serve_stream import WatchedStream
 
     engine.check_model(req.model)
@@ -368,10 +372,10 @@ def _respond(engine: Engine, kind: str, req: _Sampling, prompts: list[list[int]]
     now = int(time.time())
     usage.update(prompt_tokens=sum(len(ids) for ids in prompts), completion_tokens=0)  # for the request log
     if not req.stream:
-        reply = _whole_reply(engine, kind, rid, now, req, prompts, budgets, strip)
+        reply = _whole_reply(engine, kind, rid, now, req, prompts, budgets, strip, prefill)
         usage.update(reply["usage"])
         return reply
-    events = _stream_events(engine, kind, rid, now, req, prompts, budgets, strip, usage, slot)
+    events = _stream_events(engine, kind, rid, now, req, prompts, budgets, strip, usage, slot, prefill)
     weakref.finalize(events, slot.release)  # in case the response is never sent at all
     return WatchedStream(events, on_end=lambda: (req._gone.set(), slot.release()), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -429,8 +433,14 @@ def build_app(engine: Engine, api_key: str | None = None):
 
     def chat(req: ChatRequest, usage: dict, slot: Slot):
         engine.check_model(req.model)
-        prompts = [engine.chat_ids(req.messages, req.tools)]
-        return _respond(engine, "chat", req, prompts, req.max_completion_tokens or req.max_tokens, True, usage, slot)
+        try:
+            tools, must_call = toolcalls.choose(req.tool_choice, [t.model_dump() for t in req.tools or []])
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tool_choice") from None
+        prefill = toolcalls.prefill(engine.tok.chat_template, must_call) if tools else None
+        prompts = [engine.chat_ids(req.messages, tools, prefill or "")]
+        return _respond(engine, "chat", req, prompts, req.max_completion_tokens or req.max_tokens, True, usage, slot,
+                        prefill)
 
     def completion(req: CompletionRequest, usage: dict, slot: Slot):
         engine.check_model(req.model)
