@@ -718,7 +718,11 @@ def _retype_method(data: dict, origin: dict[tuple, str], where: str) -> list[str
 
 def resolve_path(value: str, recipe_file: str | None) -> Path:
     """A relative data path is looked up from the working directory, then beside the recipe."""
-    p = Path(value).expanduser()
+    try:
+        p = Path(value).expanduser()
+    except RuntimeError:  # `~name/...` for a user this machine does not have (a fuzz finding)
+        raise UserError(f"{value}: no user {value.split('/')[0][1:]!r} on this machine to expand "
+                        f"{value.split('/')[0]!r} for; write the path out in full") from None
     if p.is_absolute() or p.exists() or recipe_file is None:
         return p
     beside = Path(recipe_file).parent / p

@@ -47,7 +47,12 @@ def run(one: Callable[[bytes], None]) -> None:
     keep = os.environ.get("FTKIT_FUZZ_KEEP_GOING")  # a dir: record each finding there and fuzz on
     seen: set[tuple] = set()
 
+    budget = float(os.environ.get("FTKIT_FUZZ_CPU_TIMEOUT", "2"))
+
     def guarded(data: bytes) -> None:
+        import time
+
+        cpu = time.process_time()
         try:
             one(data)
         except UserError:
@@ -56,6 +61,14 @@ def run(one: Callable[[bytes], None]) -> None:
             if not keep:
                 raise
             _record(Path(keep), data, exc, seen)
+        # A hang is judged in CPU seconds: on a shared machine a niced fuzzer can wait seconds for a
+        # core, which libFuzzer's wall-clock -timeout (kept as a backstop) would call a hang.
+        spent = time.process_time() - cpu
+        if spent > budget:
+            slow = TimeoutError(f"one input took {spent:.1f} CPU seconds (limit {budget:g})")
+            if not keep:
+                raise slow
+            _record(Path(keep), data, slow, seen)
 
     try:
         import atheris
@@ -76,13 +89,13 @@ def _record(out: Path, data: bytes, exc: Exception, seen: set) -> None:
     import hashlib
     import traceback
 
-    tb = traceback.extract_tb(exc.__traceback__)[-1]
-    sig = (type(exc).__name__, tb.filename, tb.lineno)
+    frames = traceback.extract_tb(exc.__traceback__)
+    sig = (type(exc).__name__, frames[-1].filename, frames[-1].lineno) if frames else (type(exc).__name__, "slow", 0)
     if sig in seen:
         return
     seen.add(sig)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"finding-{sig[0]}-{Path(tb.filename).stem}-{tb.lineno}-{hashlib.sha1(data).hexdigest()[:12]}"
+    name = f"finding-{sig[0]}-{Path(sig[1]).stem}-{sig[2]}-{hashlib.sha1(data).hexdigest()[:12]}"
     (out / name).write_bytes(data)
     print(f"FINDING {name}\n{''.join(traceback.format_exception(exc))}", file=sys.stderr, flush=True)
 

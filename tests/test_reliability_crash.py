@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import subprocess
@@ -43,3 +44,17 @@ def test_full_disk_is_exit_2_naming_the_path_and_leaves_nothing(tmp_path, adapte
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-3000:]  # once there is room, a rerun succeeds
     assert (out / "config.json").is_file()
+
+
+def test_kill_9_at_every_write_leaves_each_destination_absent_or_complete(tmp_path):
+    """A few of scripts/crash_writes.py's kills per write kind (the script runs many): merge-lora and export
+    outputs, a training checkpoint and the run dir's final rename are absent or complete after SIGKILL,
+    the checkpoint --resume would pick loads, no lock is left stuck, and a rerun succeeds."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "crash_writes.py"
+    res = subprocess.run([sys.executable, str(script), "--runs", "2", "--train-runs", "1", "--seed", "1",
+                          "--work", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert res.returncode == 0 and lines, res.stdout[-3000:] + res.stderr[-3000:]
+    assert lines[-1]["kills"] == {"merge-lora": 2, "export": 2, "checkpoint": 1, "rename": 1}, lines
+    assert all(r["ok"] for r in lines[:-1]), lines

@@ -191,3 +191,12 @@ def test_unknown_key_named_like_a_pydantic_union_tag(item):
     # empty key path (IndexError) instead of "unknown key".
     with pytest.raises(UserError, match=f"unknown key '{item.split('=')[0]}'"):
         load_recipe(None, [item])
+
+
+def test_tilde_path_of_an_unknown_user_is_a_user_error(tmp_path):
+    # Fuzz finding: `~name/...` for a user the machine lacks made pathlib raise RuntimeError (a traceback).
+    from ftkit.recipe import check_files
+
+    r = load_recipe(None, ["data.train=~no-such-user-ftkit/train.jsonl"])
+    with pytest.raises(UserError, match="no user 'no-such-user-ftkit' on this machine"):
+        check_files(r)

@@ -47,6 +47,12 @@ def handle_errors(fn):
         except KeyboardInterrupt as exc:
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(exit_code_of(exc)) from None
+        except RuntimeError as exc:
+            if "home directory" not in str(exc):  # pathlib's expanduser of `~name` for an unknown user
+                raise
+            err.print("[bold red]error:[/] a path starts with ~name for a user this machine does not have; "
+                      "write the path out in full")
+            raise typer.Exit(2) from None
 
     return wrapper
 
