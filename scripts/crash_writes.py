@@ -154,37 +154,82 @@ def lock_free(out: Path) -> bool:
     return True
 
 
-def clean_run(kind: Kind) -> tuple[float, float, float]:
-    """(seconds, first write seen, destination seen) of an unkilled run, polling the output's folder."""
+def _ckpts(kind: Kind) -> dict[str, bool]:
+    """checkpoint dir name -> has its trainer_state.json (written last) yet."""
+    base = kind.partial / "checkpoints"
+    try:
+        return {p.name: (p / "trainer_state.json").exists() for p in base.iterdir() if p.name.startswith("checkpoint-")}
+    except OSError:
+        return {}
+
+
+def clean_run(kind: Kind) -> dict:
+    """When an unkilled run writes what, polling its output's folder every 5 ms: the first write, the
+    final save into .partial (adapter_model.safetensors), the destination, and the longest checkpoint write."""
     log = kind.work / f"{kind.name}.clean.log"
     ours = (kind.out.name, f"{kind.out.name}.partial", f".{kind.out.name}.")
     t0 = time.monotonic()
     pid = fork(cli(kind.argv), log)
-    first = final = None
+    seen: dict[str, float] = {}
+    ckpt_start: dict[str, float] = {}
+    ckpt_write = 0.0
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         now = time.monotonic() - t0
-        names = [p.name for p in kind.work.iterdir() if p.name.startswith(ours) and not p.name.endswith(".lock")]
-        if first is None and names:
-            first = now
-        if final is None and kind.out.exists():
-            final = now
+        if "first" not in seen and any(p.name.startswith(ours) and not p.name.endswith(".lock")
+                                       for p in kind.work.iterdir()):
+            seen["first"] = now
+        if "save" not in seen and (kind.partial / "adapter_model.safetensors").exists():
+            seen["save"] = now
+        if "final" not in seen and kind.out.exists():
+            seen["final"] = now
+        for name, finished in _ckpts(kind).items():
+            ckpt_start.setdefault(name, now)
+            if finished:
+                ckpt_write = max(ckpt_write, now - ckpt_start[name])
         if done:
             break
         time.sleep(0.005)
     total = time.monotonic() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{kind.name}: the clean run failed, see {log}:\n{log.read_text()[-2000:]}")
-    return total, first if first is not None else 0.0, final if final is not None else total
+    first = seen.get("first", 0.0)
+    return {"total": total, "first": first, "save": seen.get("save", first), "final": seen.get("final", total),
+            "ckpt_write": ckpt_write or 0.2}
 
 
-def kill_time(kind: Kind, timing: tuple[float, float, float], rng: random.Random) -> float:
-    total, first, final = timing
+def kill_time(kind: Kind, timing: dict, rng: random.Random) -> float:
     if rng.random() < 0.2:
-        return rng.uniform(0, total)  # anywhere: loading, tokenizing, training too
-    if kind.name == "rename":
-        return rng.uniform(max(first, final - 0.15 * total), final + 0.02 * total)  # the final save and rename
-    return rng.uniform(first, total * 1.02)  # while writing
+        return rng.uniform(0, timing["total"])  # anywhere: loading, tokenizing, training too
+    if kind.name == "rename":  # from the final save into .partial to just past the rename
+        return rng.uniform(timing["save"] - 0.05, timing["final"] + 0.02 * timing["total"])
+    return rng.uniform(timing["first"], timing["total"] * 1.02)  # while writing
+
+
+def _exited(pid: int) -> bool:
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None  # without reaping it
+
+
+def kill(pid: int, kind: Kind, timing: dict, rng: random.Random) -> float:
+    """SIGKILL pid at a random point; a checkpoint kill waits for a new checkpoint dir, then strikes
+    within its write (up to 1.5x the longest the clean run took). Returns seconds since the start."""
+    t0 = time.monotonic()
+    if kind.name == "checkpoint" and rng.random() >= 0.2:
+        before = set(_ckpts(kind))
+        while time.monotonic() - t0 < 3 * timing["total"] and not _exited(pid):
+            if set(_ckpts(kind)) - before:
+                time.sleep(rng.uniform(0, 1.5 * timing["ckpt_write"]))
+                break
+            time.sleep(0.002)
+        else:
+            return -1.0  # the run ended (or never wrote a checkpoint) before the kill; reaped below
+    else:
+        time.sleep(kill_time(kind, timing, rng))
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return time.monotonic() - t0
 
 
 def one_kill(kind: Kind, timing, rng: random.Random, i: int) -> dict:
@@ -195,10 +240,8 @@ def one_kill(kind: Kind, timing, rng: random.Random, i: int) -> dict:
     if overwrite:
         (kind.out / MARK).write_text("old")
     args = kind.argv + (["--overwrite"] if overwrite else ["--resume"] if kind.name == "checkpoint" else [])
-    delay = kill_time(kind, timing, rng)
     pid = fork(cli(args), kind.work / f"{kind.name}.kills.log")
-    time.sleep(delay)
-    os.kill(pid, signal.SIGKILL)
+    delay = kill(pid, kind, timing, rng)
     rc = wait(pid)
     if not kind.out.exists():
         state = "absent"
@@ -206,10 +249,11 @@ def one_kill(kind: Kind, timing, rng: random.Random, i: int) -> dict:
         state = "complete (old)" if (kind.out / MARK).exists() else "complete (new)"
     else:
         state = "HALF-WRITTEN"
-    record = {"i": i, "killed_at_s": round(delay, 3), "rc": rc, "overwrite": overwrite, "destination": state,
+    record = {"i": i, "killed_at_s": round(delay, 3), "rc": rc, "killed": rc == -signal.SIGKILL, "overwrite": overwrite, "destination": state,
               "lock_free": lock_free(kind.out)}
     if kind.name in ("checkpoint", "rename"):
         record["checkpoint"] = checkpoint_state(kind.partial)
+        record["cut_checkpoints"] = sum(not done for done in _ckpts(kind).values())  # the kill hit mid-write
     return record
 
 
@@ -233,10 +277,12 @@ def run_kind(kind: Kind, runs: int, rng: random.Random, timings: dict) -> dict:
         if "checkpoint" in k:
             states[f"checkpoint {k['checkpoint'].split(':')[0]}"] = states.get(
                 f"checkpoint {k['checkpoint'].split(':')[0]}", 0) + 1
+    states["kill inside a checkpoint write"] = sum(k.get("cut_checkpoints", 0) > 0 for k in kills)
     bad = [k for k in kills if k["destination"] == "HALF-WRITTEN" or not k["lock_free"]
            or k.get("checkpoint", "").startswith("BAD")]
     ok = not bad and rc == 0 and rerun["complete"] and not rerun["lock_file_left"]
-    return {"kind": kind.name, "kills": len(kills), "states": states, "clean_run_s": [round(t, 2) for t in timing],
+    return {"kind": kind.name, "kills": len(kills), "states": states, "clean_run_s": {k: round(v, 2) for k, v in timing.items()},
+            "landed": sum(k["killed"] for k in kills),
             "rerun": rerun, "bad": bad, "ok": ok, "rerun_log": None if rc == 0 else log.read_text()[-1500:]}
 
 
