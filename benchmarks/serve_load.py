@@ -1,11 +1,13 @@
 """`ftkit serve` under load and under hostile load, on loopback only, bounded in count and time.
 
-    python benchmarks/serve_load.py [--model smollm2-135m-instruct] [--seconds 20] [--hostile-clients 64]
+    nice python benchmarks/serve_load.py [--model smollm2-135m-instruct] [--seconds 20] [--hostile-clients 64]
 
 1. Throughput: valid chat requests (max_tokens 16, greedy) from 1, 8 and 32 concurrent clients for
-   --seconds each: requests/s and p50/p95 latency (one model, one generation at a time, so latency
-   grows with the queue; requests past the queue get 503 + Retry-After and are counted apart).
-2. Hostile: --hostile-clients concurrent clients, each sending --per-client requests of one kind
+   --seconds each: requests/s and p50/p95 latency, once per --batch setting (a server started with
+   `--max-batch N` each; default 8 = dynamic batching, then 1 = one request at a time), with the
+   ratio of each level's requests/s to the last setting's. Requests past the queue get 503 +
+   Retry-After and are counted apart.
+2. Hostile (on a server with the first --batch setting): --hostile-clients concurrent clients, each sending --per-client requests of one kind
    (valid chat, valid stream, malformed JSON, 2 MB body, huge max_tokens, wrong types, a slow
    client that sends half a request and stalls, a client that leaves mid-stream).
    Checked: the server never dies, every bad request gets a 4xx within 1 s (a slow client's 408
@@ -35,9 +37,10 @@ BAD = {"malformed": b'{"model": "m", "messages": [', "huge_body": None, "huge_ma
        "wrong_types": {"model": "m", "messages": "hello", "max_tokens": "lots"}}
 
 
-def start(model: str, port: int, read_timeout: float) -> subprocess.Popen:
+def start(model: str, port: int, read_timeout: float, max_batch: int, threads: int | None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ftkit", "serve", model, "--port", str(port), "--name", "m",
-           "--read-timeout", str(read_timeout), "--request-timeout", "60", "--quiet"]
+           "--read-timeout", str(read_timeout), "--request-timeout", "60", "--quiet", "--max-batch", str(max_batch),
+           *(["--threads", str(threads)] if threads else [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 300
@@ -181,32 +184,53 @@ def hostile(proc: subprocess.Popen, port: int, clients: int, per_client: int, re
             "rss_mb_before": round(before, 1), "rss_mb_after": round(rss_mb(proc.pid), 1)}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(args, max_batch: int, hostile_phase: bool) -> dict:
+    port = free_port()
+    proc = start(args.model, port, args.read_timeout, max_batch, args.threads)
+    try:
+        call(port, "POST", "/v1/chat/completions", CHAT)  # warm-up
+        out = {"max_batch": max_batch,
+               "throughput": [throughput(port, int(c), args.seconds) for c in args.levels.split(",")]}
+        if hostile_phase:
+            out["hostile"] = hostile(proc, port, args.hostile_clients, args.per_client, args.read_timeout)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--seconds", type=float, default=20, help="per throughput level")
     ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--batch", default="8,1", help="--max-batch settings compared; the last is the baseline")
+    ap.add_argument("--threads", type=int, help="the server's --threads (default: its own, all cores but one)")
     ap.add_argument("--hostile-clients", type=int, default=64)
     ap.add_argument("--per-client", type=int, default=3)
     ap.add_argument("--read-timeout", type=float, default=2.0)
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = start(args.model, port, args.read_timeout)
-    try:
-        call(port, "POST", "/v1/chat/completions", CHAT)  # warm-up
-        result = {"model": args.model, "cpu_count": os.cpu_count(),
-                  "throughput": [throughput(port, int(c), args.seconds) for c in args.levels.split(",")],
-                  "hostile": hostile(proc, port, args.hostile_clients, args.per_client, args.read_timeout)}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    h = result["hostile"]
-    result["targets_met"] = (h["server_alive"] and h["bad_not_4xx"] == 0 and h["bad_answered_late"] == 0
-                             and h["valid_unanswered"] == 0 and h["open_connections_after"] == 0
-                             and h["rss_mb_after"] <= 1.1 * h["rss_mb_before"])
+    result = {"model": args.model, "cpu_count": os.cpu_count(), "threads": args.threads,
+              "load_avg_start": [round(x, 1) for x in os.getloadavg()], "runs": []}
+    for i, b in enumerate(int(x) for x in args.batch.split(",")):
+        result["runs"].append(measure(args, b, hostile_phase=i == 0 and args.hostile_clients > 0))
+    result["load_avg_end"] = [round(x, 1) for x in os.getloadavg()]
+    base = result["runs"][-1]["throughput"]
+    for run in result["runs"]:
+        run["req_per_s_ratio_to_last"] = [round(t["req_per_s"] / b["req_per_s"], 2) if b["req_per_s"] else None
+                                          for t, b in zip(run["throughput"], base)]
+    h = result["runs"][0].get("hostile")
+    if h:
+        result["targets_met"] = (h["server_alive"] and h["bad_not_4xx"] == 0 and h["bad_answered_late"] == 0
+                                 and h["valid_unanswered"] == 0 and h["open_connections_after"] == 0
+                                 and h["rss_mb_after"] <= 1.1 * h["rss_mb_before"])
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

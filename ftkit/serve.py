@@ -476,9 +476,21 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _cpu_threads(requested: int | None, cores: int) -> int:
+    """Generation threads on a CPU: by default all cores but one, which stays free for the event loop
+    (parsing and refusing requests) and tokenizing. Measured on 2 shared cores under load: torch's
+    default (a thread per core) made a 16-token reply 14x slower than one thread, because its
+    threads spin waiting for each other whenever the scheduler parks one (docs/reliability.md)."""
+    import torch
+
+    n = requested or max(1, cores - 1)
+    torch.set_num_threads(n)
+    return n
+
+
 def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           name: str | None = None, base: str | None = None, log=print, quiet: bool = False,
-          limits: Limits = Limits()) -> None:
+          limits: Limits = Limits(), threads: int | None = None) -> None:
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -498,6 +510,8 @@ def serve(target: str, host: str = "127.0.0.1", port: int = 8000, api_key: str |
     # A clean exit on SIGTERM too: uvicorn shuts down gracefully, then re-raises the signal here.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     hw = detect()
+    if hw.device == "cpu":
+        _cpu_threads(threads, hw.threads)
     model, tok = load_for_inference(target, dtype=hw.dtype, base=base, log=log)
     path = Path(target).expanduser()
     served = name or (path.resolve().name if path.exists() else target)

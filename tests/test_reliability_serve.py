@@ -154,3 +154,16 @@ def test_bad_requests_are_answered_at_once_while_a_batch_generates(served):
     print("bad-request latencies (s):", [round(a[3], 3) for a in answers])
     assert max(a[3] for a in answers) < 1, [round(a[3], 3) for a in answers]
     assert results and results[0][0] == 200
+
+
+def test_generation_leaves_a_core_for_answering_requests():
+    import torch
+
+    from ftkit.serve import _cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert (_cpu_threads(None, 2), _cpu_threads(None, 1), _cpu_threads(None, 16), _cpu_threads(3, 2)) == (1, 1, 15, 3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

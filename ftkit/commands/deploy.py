@@ -26,6 +26,8 @@ def serve(model: str = typer.Argument(..., help="Run dir, merged dir, model alia
                                               "a request waits for others to join its batch"),
           request_timeout: float = typer.Option(300, "--request-timeout", min=1,
                                                 help="Seconds a request may wait and generate; then it ends"),
+          threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for generation "
+                                                "(default: all cores but one, kept for answering requests)"),
           max_body_kb: int = typer.Option(1024, "--max-body-kb", min=1, help="Largest request body (413 above)"),
           read_timeout: float = typer.Option(10, "--read-timeout", min=0.1,
                                              help="Seconds for a request body to arrive (408 after)")):
@@ -37,7 +39,7 @@ def serve(model: str = typer.Argument(..., help="Run dir, merged dir, model alia
     limits = Limits(max_body_bytes=max_body_kb * 1024, read_timeout_s=read_timeout, max_tokens=max_tokens, queue=queue,
                     request_timeout_s=request_timeout, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     run_server(model, host=host, port=port, api_key=api_key, name=name, base=base, log=log, quiet=quiet,
-               limits=limits)
+               limits=limits, threads=threads)
 
 
 def export(model: str = typer.Argument(..., help="Run dir (LoRA is merged first), merged dir, alias or .gguf"),
