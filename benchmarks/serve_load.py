@@ -37,10 +37,11 @@ BAD = {"malformed": b'{"model": "m", "messages": [', "huge_body": None, "huge_ma
        "wrong_types": {"model": "m", "messages": "hello", "max_tokens": "lots"}}
 
 
-def start(model: str, port: int, read_timeout: float, max_batch: int, threads: int | None) -> subprocess.Popen:
+def start(model: str, port: int, read_timeout: float, max_batch: int, threads: int | None,
+          extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ftkit", "serve", model, "--port", str(port), "--name", "m",
            "--read-timeout", str(read_timeout), "--request-timeout", "60", "--quiet", "--max-batch", str(max_batch),
-           *(["--threads", str(threads)] if threads else [])]
+           *(["--threads", str(threads)] if threads else []), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 300
@@ -192,7 +193,7 @@ def free_port() -> int:
 
 def measure(args, max_batch: int, hostile_phase: bool) -> dict:
     port = free_port()
-    proc = start(args.model, port, args.read_timeout, max_batch, args.threads)
+    proc = start(args.model, port, args.read_timeout, max_batch, args.threads, args.serve_args.split())
     try:
         call(port, "POST", "/v1/chat/completions", CHAT)  # warm-up
         out = {"max_batch": max_batch,
@@ -212,12 +213,13 @@ def main() -> None:
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--batch", default="8,1", help="--max-batch settings compared; the last is the baseline")
     ap.add_argument("--threads", type=int, help="the server's --threads (default: its own, all cores but one)")
+    ap.add_argument("--serve-args", default="", help="more `ftkit serve` options, e.g. '--batch-wait-ms 50'")
     ap.add_argument("--hostile-clients", type=int, default=64)
     ap.add_argument("--per-client", type=int, default=3)
     ap.add_argument("--read-timeout", type=float, default=2.0)
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
-    result = {"model": args.model, "cpu_count": os.cpu_count(), "threads": args.threads,
+    result = {"model": args.model, "cpu_count": os.cpu_count(), "threads": args.threads, "serve_args": args.serve_args,
               "load_avg_start": [round(x, 1) for x in os.getloadavg()], "runs": []}
     for i, b in enumerate(int(x) for x in args.batch.split(",")):
         result["runs"].append(measure(args, b, hostile_phase=i == 0 and args.hostile_clients > 0))

@@ -140,7 +140,8 @@ class Engine:
 
         self.queue = Admission(self.limits)
         self.batcher = Batcher(self.model, self.tok, self.lock, _eos_ids(self.tok, self.model),
-                               max_batch=self.limits.max_batch, wait_s=self.limits.batch_wait_ms / 1000)
+                               max_batch=self.limits.max_batch, wait_s=self.limits.batch_wait_ms / 1000,
+                               admitted=lambda: self.queue.held)
 
     @property
     def context_length(self) -> int:

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+ARRIVING_WAITS = 10  # how many gather windows a batch waits for admitted requests still on their way
 DONE = object()  # the end of a job's pieces (an exception object ends them with an error)
 
 
@@ -96,9 +97,11 @@ class _Rows:
 class Batcher:
     """The model's one worker thread and the requests waiting for it."""
 
-    def __init__(self, model, tok, lock: threading.Lock, eos: set, max_batch: int = 8, wait_s: float = 0.01):
+    def __init__(self, model, tok, lock: threading.Lock, eos: set, max_batch: int = 8, wait_s: float = 0.01,
+                 admitted=lambda: 0):
         self.model, self.tok, self.lock, self.eos = model, tok, lock, eos
         self.max_batch, self.wait_s = max(1, max_batch), wait_s
+        self.admitted = admitted  # requests admitted by the server and not finished, waiting here or not
         self._waiting: list[Job] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -123,14 +126,18 @@ class Batcher:
 
     def _gather(self) -> list[Job]:
         """The oldest waiting job and those that can join it, waiting up to wait_s after it arrived
-        for more to come (called with the model lock held, so the batch starts when it is taken)."""
+        for more to come, or up to ARRIVING_WAITS times as long while requests the server has admitted
+        are still on their way here (being tokenized: clients served by the last batch come back
+        together, and a batch cut before they arrive splits them for good). Called with the model lock
+        held, so the batch starts when it is taken."""
         with self._cond:
             while not self._waiting:
                 self._cond.wait()
             while True:
                 head = self._waiting[0]
                 mates = [j for j in self._waiting if j.key() == head.key()][: self.max_batch]
-                left = head.arrived + self.wait_s - time.monotonic()
+                arriving = self.admitted() > len(self._waiting)
+                left = head.arrived + self.wait_s * (ARRIVING_WAITS if arriving else 1) - time.monotonic()
                 if len(mates) >= self.max_batch or left <= 0 or head.seed is not None:
                     break
                 self._cond.wait(left)

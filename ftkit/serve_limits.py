@@ -43,14 +43,14 @@ class Limits:
 class Slot:
     """One admitted request's place; released once, whichever of finish, error or garbage collection comes first."""
 
-    def __init__(self, sem: threading.BoundedSemaphore):
-        self._sem, self._guard, self._held = sem, threading.Lock(), True
+    def __init__(self, free):
+        self._free, self._guard, self._held = free, threading.Lock(), True
 
     def release(self) -> None:
         with self._guard:
             if self._held:
                 self._held = False
-                self._sem.release()
+                self._free()
 
 
 class Admission:
@@ -61,11 +61,20 @@ class Admission:
         self.limits = limits
         self.capacity = limits.queue + max(1, limits.max_batch)
         self._sem = threading.BoundedSemaphore(self.capacity)
+        self._count = threading.Lock()
+        self.held = 0  # admitted requests not yet finished (the batcher reads it to wait for arrivals)
 
     def admit(self) -> Slot:
         if not self._sem.acquire(blocking=False):
             raise self.limits.busy(f"{self.limits.queue} requests already waiting")
-        return Slot(self._sem)
+        with self._count:
+            self.held += 1
+        return Slot(self._free)
+
+    def _free(self) -> None:
+        with self._count:
+            self.held -= 1
+        self._sem.release()
 
 
 async def read_body(request, limits: Limits) -> bytes:

@@ -99,3 +99,21 @@ def test_a_failing_generate_ends_every_row_with_the_error(model_tok):
         ends.append(item)
     assert all(isinstance(e, BaseException) for e in ends)
     assert run(batcher, [Job(tok("Hi")["input_ids"], 2)])[0]  # the worker lives on
+
+
+def test_a_batch_waits_for_requests_the_server_admitted_that_are_still_on_their_way(model_tok):
+    import time
+
+    model, tok = model_tok
+    ids = tok("Hi")["input_ids"]
+    for admitted, sizes in ((1, [1, 1]), (2, [2])):  # one admitted: no one else is coming
+        batcher = Batcher(model, tok, threading.Lock(), {tok.eos_token_id}, max_batch=8, wait_s=0.2,
+                          admitted=lambda n=admitted: n)
+        jobs = [Job(ids, 2), Job(ids, 2)]
+        batcher.submit(jobs[0])
+        time.sleep(0.8)  # past one window, within ten: the second arrives while the first waits for it
+        batcher.submit(jobs[1])
+        for job in jobs:
+            while job.pieces.get(timeout=60) is not DONE:
+                pass
+        assert batcher.sizes == sizes
