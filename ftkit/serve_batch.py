@@ -131,9 +131,9 @@ class Batcher:
         together, and a batch cut before they arrive splits them for good). Called with the model lock
         held, so the batch starts when it is taken."""
         with self._cond:
-            while not self._waiting:
-                self._cond.wait()
             while True:
+                if not self._waiting:  # withdrawn while the model was busy: wait again without it
+                    return []
                 head = self._waiting[0]
                 mates = [j for j in self._waiting if j.key() == head.key()][: self.max_batch]
                 arriving = self.admitted() > len(self._waiting)
@@ -141,8 +141,6 @@ class Batcher:
                 if len(mates) >= self.max_batch or left <= 0 or head.seed is not None:
                     break
                 self._cond.wait(left)
-                if not self._waiting:
-                    return []
             for job in mates:
                 self._waiting.remove(job)
                 job.started.set()
