@@ -5,6 +5,7 @@ One in-process server (uvicorn in a thread, loopback, the tiny model) with small
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import socket
@@ -167,3 +168,35 @@ def test_generation_leaves_a_core_for_answering_requests():
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_stream_whose_client_leaves_frees_its_slot_and_row_at_once(served):
+    """Even when the reply has no text to send yet (here: only special tokens, which are not shown),
+    so the stream never reaches a point where it could notice the client is gone by itself."""
+    engine, port = served
+    silent = next(i for i in engine.tok.all_special_ids if i not in (engine.tok.eos_token_id, engine.tok.pad_token_id))
+
+    def slow_and_silent(module, args, out):
+        time.sleep(0.2)  # 16 tokens: over 3 s
+        out.logits[..., :] = -1e9
+        out.logits[..., silent] = 0.0
+        return out
+
+    hook = engine.model.register_forward_hook(slow_and_silent)
+    engine.limits, batches = dataclasses.replace(LIMITS, request_timeout_s=30), engine.batcher.batches
+    try:
+        body = json.dumps({**CHAT, "stream": True, "max_tokens": LIMITS.max_tokens}).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+            while engine.batcher.batches == batches:  # until its row is generating
+                time.sleep(0.01)
+        t0 = time.monotonic()
+        while (engine.queue.held or engine.lock.locked()) and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        took = time.monotonic() - t0
+    finally:
+        hook.remove()
+        engine.limits = LIMITS
+    assert engine.queue.held == 0 and not engine.lock.locked() and took < 1.5, took  # a step or two, not 16
