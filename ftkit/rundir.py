@@ -57,19 +57,22 @@ class RunDir:
             probe.unlink()
         except OSError as exc:
             raise UserError(f"output.dir: cannot write under {self.final.parent}: {exc.strerror}") from None
+        if not resume:  # said before the model loads, not after
+            self._refuse_to_drop_checkpoints()
 
-    def start(self, keep_partial: bool = False, barrier: Callable[[], None] = _no_barrier) -> Path:
+    def _refuse_to_drop_checkpoints(self) -> None:
         from ftkit.resume import latest_checkpoint
 
+        ckpt = latest_checkpoint(self.work) if self.work.exists() and not self.overwrite else None
+        if ckpt is not None:
+            raise UserError(f"{self.work} holds an interrupted run (checkpoint at step {ckpt.name.split('-')[-1]}); "
+                            f"pass --resume to continue it, or --overwrite to start over")
+
+    def start(self, keep_partial: bool = False, barrier: Callable[[], None] = _no_barrier) -> Path:
         if is_main_process():
             lock_output(self.final, what="output.dir", log=log)  # a no-op when __init__ took it
-        if self.work.exists() and not keep_partial and not self.overwrite:
-            ckpt = latest_checkpoint(self.work)
-            if ckpt is not None:
-                raise UserError(
-                    f"{self.work} holds an interrupted run (checkpoint at step {ckpt.name.split('-')[-1]}); "
-                    f"pass --resume to continue it, or --overwrite to start over"
-                )
+        if not keep_partial:
+            self._refuse_to_drop_checkpoints()
         if is_main_process():
             try:
                 sweep_leftovers(self.final)

@@ -42,3 +42,24 @@ def wait_for(pred, proc: subprocess.Popen, timeout: float = 600) -> None:
             proc.kill()
             pytest.fail("timed out waiting for the interruption point")
         time.sleep(0.005)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def popen_ftkit(*args: str) -> subprocess.Popen:
+    """The real CLI in the background (this checkout's ftkit), stdout and stderr piped as text."""
+    import os
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "COLUMNS": "200"}
+    return subprocess.Popen([sys.executable, "-m", "ftkit", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -54,6 +54,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model, referen
 
     res = ftkit("sft", str(r))  # without --resume the interrupted run is not silently thrown away
     assert res.returncode == 2 and "--resume" in res.stderr
+    assert "loading" not in res.stdout + res.stderr, "said before the model loads"
 
     res = ftkit("sft", str(r), "--resume")
     assert res.returncode == 0, res.stderr

@@ -1,5 +1,6 @@
-"""Past one process: two "nodes" (torchrun agents on 127.0.0.1, gloo), a rank killed mid-run, bad
-multi-node options, a node 0 that never comes, and the strategy checks that run before loading."""
+"""Past one process: a rank killed mid-run, a hung rank, bad multi-node options, a node 0 that never comes,
+and the strategy checks that run before loading. Two "nodes" (torchrun agents on 127.0.0.1) are in
+test_ddp.py, beside the one-process run they are compared with."""
 
 from __future__ import annotations
 
@@ -9,34 +10,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from ci_helpers import adapter_tensors, max_abs_diff, recipe
-from conftest import CHAT_ROWS, REPO, ftkit
-
-# float32 on every CPU (with or without bf16), so one process and two agree to float noise.
-TRAIN = {"max_steps": 3, "learning_rate": 1e-3, "seed": 3}
-METHOD = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
-
-
-def _popen(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ftkit", *args], cwd=REPO, env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
+from ci_helpers import free_port, popen_ftkit, recipe
+from conftest import CHAT_ROWS, ftkit
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -44,34 +24,6 @@ def data(tmp_path_factory):
     path = tmp / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
     return tmp, path
-
-
-def test_two_nodes_match_one_process(data, tiny_model):
-    tmp, path = data
-    model = {"name": str(tiny_model), "dtype": "float32"}
-    one = recipe(tmp / "one.yaml", tiny_model, path, model=model, train={**TRAIN, "batch_size": 4}, method=METHOD,
-                 output={"dir": str(tmp / "one")})
-    two = recipe(tmp / "two.yaml", tiny_model, path, model=model, train={**TRAIN, "batch_size": 2}, method=METHOD,
-                 output={"dir": str(tmp / "two")})
-    port = str(_free_port())
-    common = ("sft", str(two), "-n", "1", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", port)
-    node0 = _popen(*common, "--node-rank", "0", "--json")
-    node1 = _popen(*common, "--node-rank", "1")
-    single = ftkit("sft", str(one))
-    out0, err0 = node0.communicate(timeout=600)
-    out1, err1 = node1.communicate(timeout=600)
-    assert single.returncode == 0, single.stderr
-    assert node0.returncode == 0, err0
-    assert node1.returncode == 0, err1
-    # Every rank names itself; node 0 holds rank 0 and alone reports (and writes the run dir).
-    assert re.search(r"rank 0 \(on .+, node 0, pid \d+\) of 2", err0)
-    assert re.search(r"rank 1 \(on .+, node 1, pid \d+\) of 2", err1)
-    assert json.loads(out0.strip().splitlines()[-1])["status"] == "ok" and out1.strip() == ""
-    assert "done in" in err0 and "done in" not in err1
-    m = json.loads((tmp / "two" / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["global_batch_size"] == 4 and m["steps"] == 3
-    diff = max_abs_diff(adapter_tensors(tmp / "one"), adapter_tensors(tmp / "two"))
-    assert diff < 1e-6, f"two nodes x 1 process vs one process: max abs diff {diff}"
 
 
 def _collect(proc: subprocess.Popen) -> list[str]:
@@ -103,7 +55,7 @@ def test_a_killed_rank_ends_the_job_and_is_named(data, tiny_model):
 
 def _start_and_find_rank1(tmp: Path, r: Path, *extra: str):
     """Start a 2-process run; return (proc, stderr lines, rank 1's pid) once training is under way."""
-    proc = _popen("sft", str(r), "-n", "2", *extra)
+    proc = popen_ftkit("sft", str(r), "-n", "2", *extra)
     lines = _collect(proc)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -154,7 +106,7 @@ def test_bad_multinode_options_exit_2(data, tiny_model, args, message):
 def test_node0_never_answers(data, tiny_model):
     tmp, path = data
     r = recipe(tmp / "alone.yaml", tiny_model, path, output={"dir": str(tmp / "alone")}, distributed_timeout=2)
-    port = _free_port()
+    port = free_port()
     res = ftkit("sft", str(r), "-n", "1", "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
                 "--master-port", str(port))
     assert res.returncode == 1
@@ -162,20 +114,37 @@ def test_node0_never_answers(data, tiny_model):
     assert "Traceback" not in res.stderr and "frame #" not in res.stderr
 
 
-@pytest.mark.parametrize("sections, message", [
+IMPOSSIBLE = [
     ({"distributed": "fsdp", "method": {"type": "qlora", "r": 4, "alpha": 8}},
      "distributed: fsdp with method.type: qlora needs CUDA GPUs"),
     ({"distributed": "deepspeed"}, "distributed: deepspeed needs CUDA GPUs"),
     ({"distributed": "fsdp", "method": {"type": "qlora", "bits": 8, "r": 4, "alpha": 8}},
      "8-bit weights cannot be sharded"),
-])
-def test_impossible_strategies_exit_2_before_loading(data, tiny_model, sections, message):
+]
+
+
+def test_an_impossible_strategy_exits_2_before_any_worker_starts(data, tiny_model):
     tmp, path = data
+    sections, message = IMPOSSIBLE[0]
     r = recipe(tmp / "strategy.yaml", tiny_model, path, output={"dir": str(tmp / "strategy")}, **sections)
     res = ftkit("sft", str(r), "-n", "2")
     assert res.returncode == 2, res.stderr
     assert message in res.stderr and "strategy.yaml:" in res.stderr and "Traceback" not in res.stderr
     assert "rank 0" not in res.stderr, "refused before any worker started"
+
+
+@pytest.mark.parametrize("sections, message", IMPOSSIBLE)
+def test_impossible_strategies_are_refused(data, tiny_model, sections, message):
+    """The check the command above runs (lifecycle.check, before loading), for every combination."""
+    from ftkit.distributed_strategy import check
+    from ftkit.errors import UserError
+    from ftkit.recipe import load_recipe
+
+    tmp, path = data
+    r = load_recipe(recipe(tmp / "strategy.yaml", tiny_model, path, **sections))
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        check(r, 2, "cpu")
+    assert "strategy.yaml:" in str(err.value)
 
 
 def test_fsdp_qlora_settings(data, tiny_model, monkeypatch):

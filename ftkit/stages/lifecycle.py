@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ftkit import optim
 from ftkit import resume as resuming
+from ftkit.distributed_resume import check_resume
 from ftkit.errors import UserError
 from ftkit.phase_clock import (EVALUATION, EXTRAS, LOADING, SAVING, STARTUP, TRAINER_IMPORT, TRAINER_PREP,
                                TRAINING, PhaseClock)
@@ -51,6 +52,8 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
     stage = get(recipe.stage).load()
     check(recipe)
     run_dir = RunDir(output or default_output_dir(recipe), overwrite=overwrite, resume=resume is not None)
+    ckpt = resuming.resolve_resume(resume, run_dir.work)
+    check_resume(recipe, ckpt, world_size())  # another world size or strategy: refused or explained, before loading
     with clock.phase(STARTUP):
         hw = setup_hardware(recipe)
     log(f"loading {recipe.model.name} and the data ...")
@@ -59,8 +62,8 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
     with clock.phase(TRAINER_IMPORT):
         config_cls, trainer_cls = stage.trainer_classes(recipe)
     with clock.phase(TRAINER_PREP):  # TRL tokenizes the data while the trainer is built
-        trainer, work, ckpt, resumed_from, progress = _prepare(recipe, stage, built, hw, run_dir, resume,
-                                                               config_cls, trainer_cls)
+        trainer, work, resumed_from, progress = _prepare(recipe, stage, built, hw, run_dir, ckpt, resume is not None,
+                                                         config_cls, trainer_cls)
     evaluate = getattr(stage, "evaluate", None)
     with explain_oom(recipe), clock.phase(EVALUATION):
         if evaluate and built.eval is not None:
@@ -94,15 +97,16 @@ def run(recipe: Recipe, output: str | None = None, overwrite: bool = False, resu
     return final
 
 
-def _prepare(recipe: Recipe, stage, built: Built, hw, run_dir: RunDir, resume: str | None, config_cls, trainer_cls):
-    """The trainer with its callbacks, in the started run dir; returns (trainer, work dir, checkpoint to
-    resume from, its step, the progress recorder)."""
+def _prepare(recipe: Recipe, stage, built: Built, hw, run_dir: RunDir, ckpt: Path | None, resuming_run: bool,
+             config_cls, trainer_cls):
+    """The trainer with its callbacks, in the started run dir; returns (trainer, work dir, the step of the
+    checkpoint resumed from, the progress recorder)."""
     # The stage's fields override the shared ones (e.g. sft's batch size and memory levers). In a
     # multi-process run building the config joins the process group.
     args = config_cls(**{**trainer_kwargs(recipe, hw, run_dir.work, built.eval is not None, built.model),
                          **stage.config_args(recipe, built)})
-    work = run_dir.start(keep_partial=resume is not None, barrier=barrier)
-    ckpt, resumed_from = _resume_point(resume, work)
+    work = run_dir.start(keep_partial=resuming_run, barrier=barrier)
+    resumed_from = _resume_point(ckpt, work)
     setup_reporting(recipe, work)
     trainer = trainer_cls(model=built.model, args=args, train_dataset=built.train, eval_dataset=built.eval,
                           processing_class=built.tokenizer, **built.trainer_args)
@@ -115,18 +119,17 @@ def _prepare(recipe: Recipe, stage, built: Built, hw, run_dir: RunDir, resume: s
         from ftkit.distributed import heartbeat_callback
 
         trainer.add_callback(heartbeat_callback())  # lets a rank whose peer stopped say which one
-    return trainer, work, ckpt, resumed_from, progress
+    return trainer, work, resumed_from, progress
 
 
-def _resume_point(resume: str | None, work: Path) -> tuple[Path | None, int | None]:
-    ckpt = resuming.resolve_resume(resume, work)
+def _resume_point(ckpt: Path | None, work: Path) -> int | None:
     step = resuming.checkpoint_step(ckpt) if ckpt is not None else None
     if ckpt is not None:
         log(f"resuming from {ckpt} (step {step})")
         if is_main_process():
             resuming.trim_metrics_log(work / "metrics.jsonl", step)
     barrier()
-    return ckpt, step
+    return step
 
 
 def _check_not_emptied(recipe: Recipe, trainer, built: Built) -> None:
