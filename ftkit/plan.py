@@ -81,14 +81,14 @@ def _config(recipe: Recipe):
         raise UserError(f"{recipe.where('model', 'name')}: model.name: cannot read the config of {name!r}: {first}") from None
 
 
-def meta_model(recipe: Recipe):
+def meta_model(recipe: Recipe, cfg=None):
     """The base built on the meta device (no memory) and wrapped by the recipe's method."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from ftkit.methods import apply_method
 
-    cfg = _config(recipe)
+    cfg = cfg if cfg is not None else _config(recipe)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=recipe.model.trust_remote_code)
         # qlora's adapters are lora's; the 4-bit storage is accounted for below, not simulated.
@@ -133,24 +133,57 @@ def _optimizer_bytes_per_param(optim: str, param_bytes: int) -> float:
     return 2.0 * param_bytes  # Adam: exp_avg and exp_avg_sq in the parameter's dtype
 
 
-def activation_bytes(cfg, tokens: int, seq_len: int, w: int, checkpointing: bool, attention_scores: bool) -> int:
-    """What backward needs kept, per layer, for a llama-style block (Korthikanti et al. 2022, adapted):
-    ~10 hidden-sized tensors, 2 key/value-sized, 4 MLP-sized in the compute dtype, the RMSNorms' fp32
-    copies (2 x 2 hidden in fp32), plus the attention scores when the kernel materialises them (eager,
-    or SDPA's math path on CPU). With checkpointing a layer keeps only its input and one layer at a time
-    is recomputed. The loss adds logits in the compute dtype, their fp32 upcast (none when already fp32)
-    and its gradient."""
-    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+# TRL's SFTTrainer scores the LM head in tiles of up to 4096 tokens x 32768 vocabulary entries (its fused,
+# chunked log-prob head) instead of materialising the logits; trl/trainer/utils.py, kernels/chunked_logprob.py.
+_HEAD_TOKENS, _HEAD_VOCAB = 4096, 32768
+_FUSED_HEAD_STAGES = ("sft", "pt")
+
+
+def layer_bytes_per_token(cfg, w: int, trains_norms: bool, dropout: bool, attention_scores: bool, seq_len: int) -> int:
+    """What backward keeps per token in one llama-style block, counted with autograd's saved-tensor hooks on
+    this block (CPU, SDPA): 7 hidden-sized tensors (each RMSNorm's input, the attention input and output, the
+    o-projection input, the residual), 2 key/value-sized, 4 MLP-sized, in the compute dtype; the RMSNorms' fp32
+    upcasts under bf16/fp16; the norms' outputs when their weights train (full, freeze); LoRA dropout's
+    output and mask at the input of each adapted linear (all seven); attention scores when the kernel
+    materialises them (eager)."""
+    h = cfg.hidden_size
     inter = getattr(cfg, "intermediate_size", 4 * h)
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", heads) * (getattr(cfg, "head_dim", None) or h // heads)
-    per_token = (10 * h + 2 * kv + 4 * inter) * w + 4 * h * 4
-    scores = 2 * heads * seq_len * w if attention_scores else 0  # per token: a row of scores + softmax
-    layer = tokens * (per_token + scores)
-    body = (tokens * h * w * layers + layer) if checkpointing else layer * layers
-    upcast = 4 if w != 4 else 0  # .float() of fp32 logits is the same tensor, not a copy
-    logits = tokens * cfg.vocab_size * (w + upcast + 4)
-    return int(body + logits)
+    out = (7 * h + 2 * kv + 4 * inter) * w
+    out += 2 * 2 * h * 4 if w != 4 else 0
+    out += 2 * h * w if trains_norms else 0
+    out += (6 * h + inter) * (w + 1) if dropout else 0
+    out += 2 * heads * seq_len * w if attention_scores else 0
+    return out
+
+
+def head_bytes(cfg, tokens: int, w: int, stage: str, on_gpu: bool) -> int:
+    """The loss's peak. SFT/PT (TRL's fused head): one tile of logits; without Triton (CPU) its torch path holds
+    ~7 fp32 tile-sized temporaries in backward (exp, differences, the gradient, the one-hot target), the
+    compute-dtype tile, its fp32 copy under bf16/fp16 and a boolean tile; with Triton (GPU) the kernels work
+    in place on the tile (estimated at 2 tiles, not measured). Other stages' trainers build the whole
+    logits: logits in the compute dtype, their fp32 upcast (none when already fp32) and its gradient."""
+    vocab = cfg.vocab_size
+    if stage in _FUSED_HEAD_STAGES:
+        tile = min(tokens, _HEAD_TOKENS) * min(vocab, _HEAD_VOCAB)
+        return tile * 2 * w if on_gpu else tile * (7 * 4 + w + (4 if w != 4 else 0) + 1)
+    return tokens * vocab * (w + (4 if w != 4 else 0) + 4)
+
+
+def activation_bytes(recipe: Recipe, cfg, tokens: int, w: int, on_gpu: bool) -> int:
+    """Activations at the loss's backward, the peak: every layer's saved tensors (with checkpointing only
+    each layer's input, plus one layer recomputed) and the loss's own buffers."""
+    m = recipe.method
+    lora_like = m.type in ("lora", "qlora", "dora")
+    eager = recipe.model.attn_implementation == "eager"  # SDPA (also on CPU) keeps no score matrix
+    layer = tokens * layer_bytes_per_token(cfg, w, trains_norms=m.type in ("full", "freeze"),
+                                            dropout=lora_like and m.dropout > 0, attention_scores=eager,
+                                            seq_len=recipe.data.max_length)
+    layers = cfg.num_hidden_layers
+    body = (tokens * cfg.hidden_size * w * layers + layer) if recipe.train.activation_checkpointing is True \
+        else layer * layers
+    return int(body + head_bytes(cfg, tokens, w, recipe.stage, on_gpu))
 
 
 def plan(recipe: Recipe, gpus: int | None = None, gpu_memory: int | None = None) -> Plan:
@@ -161,12 +194,16 @@ def plan(recipe: Recipe, gpus: int | None = None, gpu_memory: int | None = None)
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if on_gpu else hw.dtype)
     w = _BYTES[dtype]
     world = gpus or max(1, hw.num_gpus)
-    model = meta_model(recipe)
+    cfg = _config(recipe)
+    stored = str(getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "")  # read before building
+    model = meta_model(recipe, cfg)
     qlora = recipe.method.type == "qlora"
     quantized, frozen, trainable = _split_params(model, qlora)
     if qlora:
         # prepare_model_for_kbit_training keeps the layers it does not quantize (embeddings, norms, head) in fp32.
         weights = quantized * (_NF4_BYTES if recipe.method.bits == 4 else _INT8_BYTES) + frozen * 4
+    elif recipe.method.type in ("full", "freeze") and stored.endswith("float32"):
+        weights = (quantized + frozen) * 4  # methods.weights_dtype: a float32 base stays float32 (it is saved whole)
     else:
         weights = (quantized + frozen) * w
     tw = 4  # trained weights are fp32 masters under bf16/fp16 autocast (peft's adapters, methods._fp32_master_weights)
@@ -182,8 +219,7 @@ def plan(recipe: Recipe, gpus: int | None = None, gpu_memory: int | None = None)
     batch = recipe.train.batch_size if isinstance(recipe.train.batch_size, int) else \
         (max(1, 65536 // recipe.data.max_length) if on_gpu else 4)
     ckpt = recipe.train.activation_checkpointing is True
-    eager = recipe.model.attn_implementation == "eager" or not on_gpu
-    acts = activation_bytes(model.config, batch * recipe.data.max_length, recipe.data.max_length, w, ckpt, eager)
+    acts = activation_bytes(recipe, model.config, batch * recipe.data.max_length, w, on_gpu)
     return Plan(recipe.model.name, recipe.method.type, strategy, world, dtype, batch, recipe.data.max_length, ckpt,
                 quantized + frozen + trainable, trainable, int(weights), int(grads), int(optim), acts,
                 CUDA_OVERHEAD if on_gpu else 0, gpu_memory)
