@@ -13,7 +13,7 @@ from conftest import CHAT_ROWS, ftkit
 
 # Same global batch (4) either way: 1 process x 4 rows, or 2 processes x 2 rows.
 TRAIN = {"max_steps": 3, "learning_rate": 1e-3, "seed": 3, "save_steps": 2}  # checkpoint-2 to resume from
-OUTPUT = {"keep_checkpoints": True}
+OUTPUT = {"keep_checkpoints": True, "samples": 0}  # no sample replies: nothing here reads them, and they cost time
 METHOD = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}  # dropout draws differ per rank
 # fp32 on every CPU: a batch of 4 and two of 2 round differently in bf16 (~1e-3), which would hide
 # what this compares (data order and gradient averaging) behind a loose tolerance.
@@ -74,7 +74,7 @@ RESUME_TOL = 1e-6
 def _resume(runs, tiny_model, name: str, batch: int, ckpt, *args: str):
     tmp, _, _, data = runs
     r = recipe(tmp / f"{name}.yaml", tiny_model, data, train={**TRAIN, "batch_size": batch}, method=METHOD,
-               model=MODEL, output={"dir": str(tmp / name)})
+               model=MODEL, output={"dir": str(tmp / name), "samples": 0})
     res = ftkit("sft", str(r), f"--resume={ckpt}", *args)
     assert res.returncode == 0, res.stderr
     m = json.loads((tmp / name / "metrics.json").read_text())
@@ -88,7 +88,7 @@ def test_two_nodes_resume_the_two_process_checkpoint(runs, tiny_model):
     `-n 2` run's checkpoint-2: a resume on the same world size, through the multi-node launch."""
     tmp, _, _, data = runs
     r = recipe(tmp / "nodes.yaml", tiny_model, data, train={**TRAIN, "batch_size": 2}, method=METHOD, model=MODEL,
-               output={"dir": str(tmp / "nodes")})
+               output={"dir": str(tmp / "nodes"), "samples": 0})
     common = ("sft", str(r), "-n", "1", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port",
               str(free_port()), f"--resume={tmp / 'two' / 'checkpoints' / 'checkpoint-2'}")
     node0 = popen_ftkit(*common, "--node-rank", "0", "--json")

@@ -15,6 +15,7 @@ from conftest import CHAT_ROWS, ftkit
 
 STEPS = 12
 TRAIN = {"max_steps": STEPS, "save_steps": 2, "save_total_limit": 2, "deterministic": True, "batch_size": 2}
+OUT = {"samples": 0}  # no sample replies: nothing here reads them, and every run here would pay for them
 
 
 def _data(tmp: Path) -> Path:
@@ -33,14 +34,14 @@ def _start(r: Path, *args: str) -> subprocess.Popen:
 def reference(tmp_path_factory, tiny_model):
     """The same recipe run without interruption."""
     tmp = tmp_path_factory.mktemp("reference")
-    r = recipe(tmp / "r.yaml", tiny_model, _data(tmp), train=TRAIN)
+    r = recipe(tmp / "r.yaml", tiny_model, _data(tmp), train=TRAIN, output=OUT)
     res = ftkit("sft", str(r))
     assert res.returncode == 0, res.stderr
     return tmp / "run"
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model, reference):
-    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=TRAIN, output={"keep_checkpoints": True})
+    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=TRAIN, output={**OUT, "keep_checkpoints": True})
     partial = tmp_path / "run.partial"
     proc = _start(r)
     from ftkit.resume import is_complete
@@ -85,7 +86,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model, referen
 
 def test_sigterm_saves_checkpoint_exits_130_then_resume_path(tmp_path, tiny_model, reference):
     train = {**TRAIN, "save_steps": None}  # no periodic checkpoints: the signal alone must produce one
-    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=train)
+    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=train, output=OUT)
     log = tmp_path / "run.partial" / "metrics.jsonl"
     proc = _start(r, "--json")
     wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, proc)
@@ -108,13 +109,13 @@ def test_sigterm_saves_checkpoint_exits_130_then_resume_path(tmp_path, tiny_mode
 
 
 def test_deterministic_same_recipe_same_weights(tmp_path, tiny_model, reference):
-    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=TRAIN, output={"keep_checkpoints": True})
+    r = recipe(tmp_path / "r.yaml", tiny_model, _data(tmp_path), train=TRAIN, output={**OUT, "keep_checkpoints": True})
     assert ftkit("sft", str(r)).returncode == 0
     a, b = adapter_tensors(tmp_path / "run"), adapter_tensors(reference)
     assert all(bool((a[k] == b[k]).all()) for k in a), "deterministic runs must be bit-identical"
     init = adapter_tensors(tmp_path / "run" / "checkpoints" / f"checkpoint-{STEPS}")
     assert max_abs_diff(a, init) == 0.0  # the final adapter is the last step's weights
     r2 = recipe(tmp_path / "r2.yaml", tiny_model, _data(tmp_path), train={**TRAIN, "seed": 7},
-                output={"dir": str(tmp_path / "run7")})
+                output={**OUT, "dir": str(tmp_path / "run7")})
     assert ftkit("sft", str(r2)).returncode == 0
     assert max_abs_diff(adapter_tensors(tmp_path / "run7"), b) > 1e-4  # the seed matters, so the test can fail
