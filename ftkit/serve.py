@@ -139,7 +139,10 @@ class Engine:
         from ftkit.serve_batch import Batcher
 
         self.queue = Admission(self.limits)
-        self.batcher = Batcher(self.model, self.tok, self.lock, _eos_ids(self.tok, self.model),
+        # Rows end where generate() ends them: at the tokenizer's eos (as `ftkit generate` asks), else
+        # at the generation config's.
+        eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else _eos_ids(self.tok, self.model)
+        self.batcher = Batcher(self.model, self.tok, self.lock, eos,
                                max_batch=self.limits.max_batch, wait_s=self.limits.batch_wait_ms / 1000,
                                admitted=lambda: self.queue.held)
 
