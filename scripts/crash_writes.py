@@ -165,14 +165,15 @@ def _ckpts(kind: Kind) -> dict[str, bool]:
 
 def clean_run(kind: Kind) -> dict:
     """When an unkilled run writes what, polling its output's folder every 5 ms: the first write, the
-    final save into .partial (adapter_model.safetensors), the destination, and the longest checkpoint write."""
+    final save into .partial (adapter_model.safetensors), the destination, and a checkpoint's write."""
     log = kind.work / f"{kind.name}.clean.log"
     ours = (kind.out.name, f"{kind.out.name}.partial", f".{kind.out.name}.")
     t0 = time.monotonic()
     pid = fork(cli(kind.argv), log)
     seen: dict[str, float] = {}
     ckpt_start: dict[str, float] = {}
-    ckpt_write = 0.0
+    done_ckpts: set[str] = set()
+    ckpt_writes = []
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         now = time.monotonic() - t0
@@ -185,58 +186,66 @@ def clean_run(kind: Kind) -> dict:
             seen["final"] = now
         for name, finished in _ckpts(kind).items():
             ckpt_start.setdefault(name, now)
-            if finished:
-                ckpt_write = max(ckpt_write, now - ckpt_start[name])
+            if finished and name not in done_ckpts:
+                done_ckpts.add(name)
+                ckpt_writes.append(now - ckpt_start[name])
         if done:
             break
-        time.sleep(0.005)
+        time.sleep(0.002)
     total = time.monotonic() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{kind.name}: the clean run failed, see {log}:\n{log.read_text()[-2000:]}")
     first = seen.get("first", 0.0)
     return {"total": total, "first": first, "save": seen.get("save", first), "final": seen.get("final", total),
-            "ckpt_write": ckpt_write or 0.2}
-
-
-def kill_time(kind: Kind, timing: dict, rng: random.Random) -> float:
-    if rng.random() < 0.2:
-        return rng.uniform(0, timing["total"])  # anywhere: loading, tokenizing, training too
-    if kind.name == "rename":  # from the final save into .partial to just past the rename
-        return rng.uniform(timing["save"] - 0.05, timing["final"] + 0.02 * timing["total"])
-    return rng.uniform(timing["first"], timing["total"] * 1.02)  # while writing
+            # The shortest: a poll that waited for a core only makes a write look longer (~0.1 s here).
+            "ckpt_write": min(ckpt_writes, default=0.2)}
 
 
 def _exited(pid: int) -> bool:
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None  # without reaping it
 
 
-def kill(pid: int, kind: Kind, timing: dict, rng: random.Random) -> float:
-    """SIGKILL pid at a random point; a checkpoint kill waits for a new checkpoint dir, then strikes
-    within its write (up to 1.5x the longest the clean run took). Returns seconds since the start."""
-    t0 = time.monotonic()
-    if kind.name == "checkpoint" and rng.random() >= 0.2:
+def _trigger(kind: Kind, timing: dict):
+    """(has the write begun?, how long it lasts in the clean run): the kill strikes in that span."""
+    if kind.name == "checkpoint":
         before = set(_ckpts(kind))
-        while time.monotonic() - t0 < 3 * timing["total"] and not _exited(pid):
-            if set(_ckpts(kind)) - before:
-                time.sleep(rng.uniform(0, 1.5 * timing["ckpt_write"]))
-                break
-            time.sleep(0.002)
-        else:
-            return -1.0  # the run ended (or never wrote a checkpoint) before the kill; reaped below
+        return (lambda: bool(set(_ckpts(kind)) - before)), 1.2 * timing["ckpt_write"]
+    if kind.name == "rename":  # the final save into .partial, then the rename
+        return (lambda: (kind.partial / "adapter_model.safetensors").exists()), timing["final"] - timing["save"] + 0.1
+    prefix = f".{kind.out.name}.tmp-"  # merge/export stage into a temp dir beside the output
+    return (lambda: any(p.name.startswith(prefix) for p in kind.work.iterdir())), timing["total"] - timing["first"]
+
+
+def kill(pid: int, kind: Kind, timing: dict, rng: random.Random) -> float:
+    """SIGKILL pid at a random point: mostly within the write (from the moment it is seen to begin,
+    a random part of the time it took in the clean run), sometimes anywhere in the run. Returns the
+    seconds from the start, or -1 when the run ended before it could be killed."""
+    t0 = time.monotonic()
+    if rng.random() < 0.2:
+        time.sleep(rng.uniform(0, timing["total"]))  # anywhere: loading, tokenizing, training too
     else:
-        time.sleep(kill_time(kind, timing, rng))
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        begun, span = _trigger(kind, timing)
+        while not begun():
+            if _exited(pid) or time.monotonic() - t0 > 3 * timing["total"]:
+                return -1.0
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, max(span, 0.05)))
+    if _exited(pid):
+        return -1.0
+    os.kill(pid, signal.SIGKILL)
     return time.monotonic() - t0
 
 
 def one_kill(kind: Kind, timing, rng: random.Random, i: int) -> dict:
-    overwrite = kind.out.exists() and (kind.name == "checkpoint" or rng.random() < 0.5)
-    if not overwrite and kind.name != "checkpoint":  # a fresh run, as long as the clean one
-        for p in (kind.out, kind.partial):
-            shutil.rmtree(p, ignore_errors=True)
+    if kind.name == "checkpoint":  # killed runs go on: --resume, or --overwrite of a finished one
+        overwrite = kind.out.exists()
+    else:  # half of the runs replace a finished output (--overwrite), half write a fresh one
+        overwrite = rng.random() < 0.5
+        if not overwrite or not kind.complete():
+            for p in (kind.out, kind.partial):
+                shutil.rmtree(p, ignore_errors=True)
+        if overwrite and not kind.out.exists() and wait(fork(cli(kind.argv), kind.work / f"{kind.name}.kills.log")):
+            raise SystemExit(f"{kind.name}: a clean run failed, see {kind.work / f'{kind.name}.kills.log'}")
     if overwrite:
         (kind.out / MARK).write_text("old")
     args = kind.argv + (["--overwrite"] if overwrite else ["--resume"] if kind.name == "checkpoint" else [])
@@ -263,7 +272,10 @@ def run_kind(kind: Kind, runs: int, rng: random.Random, timings: dict) -> dict:
         timings[family] = clean_run(kind)
         shutil.rmtree(kind.out)  # the first kill lands in a fresh run
     timing = timings[family]
-    kills = [one_kill(kind, timing, rng, i) for i in range(runs)]
+    kills, tries = [], 0
+    while sum(k["killed"] for k in kills) < runs and tries < 3 * runs:  # count kills that landed
+        kills.append(one_kill(kind, timing, rng, tries))
+        tries += 1
     log = kind.work / f"{kind.name}.rerun.log"
     again = kind.rerun_args()
     rc = wait(fork(cli(kind.argv + again), log))
@@ -272,17 +284,17 @@ def run_kind(kind: Kind, runs: int, rng: random.Random, timings: dict) -> dict:
     rerun = {"args": again, "rc": rc, "complete": kind.complete(),
              "lock_file_left": lock_path(kind.out).exists()}
     states: dict[str, int] = {}
-    for k in kills:
+    for k in (k for k in kills if k["killed"]):  # a run that ended before its kill says nothing
         states[k["destination"]] = states.get(k["destination"], 0) + 1
         if "checkpoint" in k:
             states[f"checkpoint {k['checkpoint'].split(':')[0]}"] = states.get(
                 f"checkpoint {k['checkpoint'].split(':')[0]}", 0) + 1
-    states["kill inside a checkpoint write"] = sum(k.get("cut_checkpoints", 0) > 0 for k in kills)
+    if kind.name in ("checkpoint", "rename"):
+        states["kill inside a checkpoint write"] = sum(k.get("cut_checkpoints", 0) > 0 for k in kills if k["killed"])
     bad = [k for k in kills if k["destination"] == "HALF-WRITTEN" or not k["lock_free"]
            or k.get("checkpoint", "").startswith("BAD")]
     ok = not bad and rc == 0 and rerun["complete"] and not rerun["lock_file_left"]
-    return {"kind": kind.name, "kills": len(kills), "states": states, "clean_run_s": {k: round(v, 2) for k, v in timing.items()},
-            "landed": sum(k["killed"] for k in kills),
+    return {"kind": kind.name, "kills": sum(k["killed"] for k in kills), "tries": len(kills), "states": states, "clean_run_s": {k: round(v, 2) for k, v in timing.items()},
             "rerun": rerun, "bad": bad, "ok": ok, "rerun_log": None if rc == 0 else log.read_text()[-1500:]}
 
 
