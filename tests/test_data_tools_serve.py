@@ -1,6 +1,6 @@
 """Tool calls through `ftkit serve`'s OpenAI API, checked with the official openai client: the request's
-tools reach the chat template, and replies carrying <tool_call> blocks come back as `tool_calls`
-(streamed too). The model is replaced by canned replies here; test_data_tools_e2e runs a real one."""
+tools reach the chat template, and replies carrying <tool_call> blocks come back as `tool_calls` (streamed
+ones: test_serve_tool_choice). The model is replaced by canned replies here; test_data_tools_e2e runs a real one."""
 
 from __future__ import annotations
 
@@ -19,12 +19,21 @@ pytest.importorskip("fastapi")
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
-@pytest.fixture(scope="module")
-def canned(tiny_model):
+def client_for(engine):
+    """The official openai client talking to `engine` in-process."""
     from fastapi.testclient import TestClient
 
+    from ftkit.serve import build_app
+
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=TestClient(build_app(engine)),
+                         max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def canned(tiny_model):
+    """(client, seen): the server answers seen["reply"] (ending as seen["finish"]) and records the prompt."""
     from ftkit.models import load_tokenizer
-    from ftkit.serve import Engine, build_app
+    from ftkit.serve import Engine
 
     tok = load_tokenizer(str(tiny_model))
     tok.chat_template = CHATML_TOOLS
@@ -34,13 +43,11 @@ def canned(tiny_model):
         def stream(self, ids, max_tokens, req, strip, outcome):
             seen["prompt"] = self.tok.decode(ids)
             reply = seen.get("reply", CALL)
-            outcome.completion_tokens = len(reply)
+            outcome.completion_tokens, outcome.finish_reason = len(reply), seen.get("finish", "stop")
             yield from (reply[i : i + 4] for i in range(0, len(reply), 4))
 
     engine = Canned(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096)), tok, "m")
-    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x",
-                           http_client=TestClient(build_app(engine)), max_retries=0)
-    return client, seen
+    return client_for(engine), seen
 
 
 def test_tool_call_reply_in_openai_shape(canned):
@@ -68,22 +75,6 @@ def test_tool_results_render_and_plain_reply_stays_content(canned):
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "It is 18C in Paris."
     assert not r.choices[0].message.tool_calls
     assert CALL in seen["prompt"] and "<tool_response>\n18C\n</tool_response>" in seen["prompt"]
-
-
-def test_streamed_tool_call_follows_the_content(canned):
-    client, seen = canned
-    seen["reply"] = "Let me check.\n" + CALL
-    stream = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Paris?"}],
-                                            tools=WEATHER, stream=True)
-    content, calls, finish = "", [], None
-    for ev in stream:
-        d = ev.choices[0].delta
-        content += d.content or ""
-        calls += d.tool_calls or []
-        finish = ev.choices[0].finish_reason or finish
-    assert content.strip() == "Let me check." and "<tool_call>" not in content
-    assert finish == "tool_calls" and {c.index for c in calls} == {0} and calls[0].function.name == "get_weather"
-    assert json.loads("".join(c.function.arguments or "" for c in calls)) == {"city": "Paris"}
 
 
 def test_parse_by_template_markers():

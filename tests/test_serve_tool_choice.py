@@ -5,9 +5,8 @@ forced call's start really is written into the prompt and comes back as the repl
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
-
 import pytest
+from test_data_tools_serve import canned, client_for  # noqa: F401 (the canned-reply server)
 from tool_templates import LLAMA31, WEATHER
 
 from ftkit.data.templates import CHATML_TOOLS
@@ -21,35 +20,6 @@ ARGS = '{"city": "Paris", "unit": "celsius"}'
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": ' + ARGS + '}\n</tool_call>'
 TWO = WEATHER + [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
 USER = [{"role": "user", "content": "Weather in Paris?"}]
-
-
-def _client(engine):
-    from fastapi.testclient import TestClient
-
-    from ftkit.serve import build_app
-
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=TestClient(build_app(engine)),
-                         max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def canned(tiny_model):
-    from ftkit.models import load_tokenizer
-    from ftkit.serve import Engine
-
-    tok = load_tokenizer(str(tiny_model))
-    tok.chat_template = CHATML_TOOLS
-    seen = {}
-
-    class Canned(Engine):
-        def stream(self, ids, max_tokens, req, strip, outcome):
-            seen["prompt"] = self.tok.decode(ids)
-            reply = seen["reply"]
-            outcome.completion_tokens, outcome.finish_reason = len(reply), seen.get("finish", "stop")
-            yield from (reply[i : i + 3] for i in range(0, len(reply), 3))
-
-    engine = Canned(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096)), tok, "m")
-    return _client(engine), seen
 
 
 def _collect(stream) -> tuple[str, list, str | None]:
@@ -186,7 +156,7 @@ def test_named_choice_on_the_tiny_model_writes_the_call_start(tiny_model):
 
     model, tok = load_for_inference(str(tiny_model), log=lambda *a: None)
     tok.chat_template = CHATML_TOOLS
-    client = _client(Engine(model, tok, "m"))
+    client = client_for(Engine(model, tok, "m"))
     named = {"type": "function", "function": {"name": "get_weather"}}
     r = client.chat.completions.create(model="m", messages=USER, tools=WEATHER, tool_choice=named, max_tokens=4)
     start = prefill(CHATML_TOOLS, "get_weather")
