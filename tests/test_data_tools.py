@@ -178,7 +178,7 @@ def test_template_without_tools_is_refused_and_chatml_tools_counts(tmp_path, tin
     ok = write_recipe(tmp_path / "ok.yaml", tiny_model, data, data={"template": "chatml-tools", "max_length": 512})
     res = ftkit("data", "check", str(ok), "--no-cache")
     assert res.returncode == 0, res.stderr
-    assert "34 rows with tools · 30 tool calls · 30 tool results · 34 rows on the reference render path" in res.stdout
+    assert "104 rows with tools · 80 tool calls · 80 tool results · 104 rows on the reference render path" in res.stdout
 
 
 @pytest.mark.parametrize("name", ["tool_calling.jsonl", "tool_calling_sharegpt.jsonl", "reasoning.jsonl"])
