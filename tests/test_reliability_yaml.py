@@ -200,3 +200,23 @@ def test_tilde_path_of_an_unknown_user_is_a_user_error(tmp_path):
     r = load_recipe(None, ["data.train=~no-such-user-ftkit/train.jsonl"])
     with pytest.raises(UserError, match="no user 'no-such-user-ftkit' on this machine"):
         check_files(r)
+
+
+def test_pipeline_recipe_path_of_an_unknown_user_is_a_user_error(tmp_path):
+    from ftkit.pipeline import load_pipeline  # the same fuzz finding, through a stage's `recipe:` path
+
+    p = tmp_path / "pipe.yaml"
+    p.write_text("stages:\n  sft: {recipe: ~no-such-user-ftkit/r.yaml}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="no user 'no-such-user-ftkit'"):
+        load_pipeline(str(p))
+
+
+def test_cli_path_of_an_unknown_user_is_exit_2(tmp_path):
+    # Any command, any path: pathlib's RuntimeError for `~name` is mapped to exit 2, not a traceback.
+    from typer.testing import CliRunner
+
+    from ftkit.cli import app
+
+    res = CliRunner().invoke(app, ["export", "~no-such-user-ftkit/run", "--format", "safetensors",
+                                   "--output", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "for a user this machine does not have" in res.output, res.output
