@@ -127,14 +127,17 @@ def generate(model: str = typer.Argument(..., help="Run dir, merged dir, model a
              base: Optional[str] = typer.Option(None, "--base", help="Base model for an adapter dir"),
              dtype: Dtype = typer.Option("auto", "--dtype", help="auto: picked from the hardware"),
              tools: Optional[str] = typer.Option(None, "--tools", help="JSON file of tool schemas; each reply "
-                                                 "prints as an OpenAI-shape message JSON (content, tool_calls)")):
+                                                 "prints as an OpenAI-shape message JSON (content, tool_calls)"),
+             tool_choice: Optional[str] = typer.Option(None, "--tool-choice", help="with --tools: auto | none | "
+                                                       "required | a function name (the reply must call it)")):
     """Generate a reply with the model's chat template (greedy by default)."""
     from ftkit.hardware import detect
     from ftkit.inference import generate as gen
     from ftkit.inference import load_for_inference
-    from ftkit.toolcalls import load_tools, message
+    from ftkit.toolcalls import cli_choice, load_tools, prefill, reply_json
 
     schemas = load_tools(tools) if tools else None  # bad file: exit 2 before the model loads
+    offered, must_call = cli_choice(schemas, tool_choice)
     if temperature == 0:
         import torch
 
@@ -143,8 +146,10 @@ def generate(model: str = typer.Argument(..., help="Run dir, merged dir, model a
     m, tok = load_for_inference(model, dtype=hw.dtype, base=base, log=lambda s: err.print(s))
     convs = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
              for p in prompt]
-    for reply in gen(m, tok, convs, max_new_tokens=max_new_tokens, temperature=temperature, tools=schemas):
-        print(json.dumps(message(reply, tok.chat_template)[0], ensure_ascii=False) if schemas else reply)
+    start = prefill(tok.chat_template, must_call) if offered else ""
+    for reply in gen(m, tok, convs, max_new_tokens=max_new_tokens, temperature=temperature, tools=offered or None,
+                     prefill=start):
+        print(reply_json(reply, start, tok.chat_template, bool(offered)) if schemas else reply)
 
 
 @app.command()

@@ -60,12 +60,14 @@ def render_prompt(tok, messages: list[dict], tools: list[dict] | None = None) ->
 
 
 def generate(model, tok, prompts: list[list[dict]] | list[str], max_new_tokens: int = 128,
-             temperature: float = 0.0, batch_size: int = 8, tools: list[dict] | None = None) -> list[str]:
+             temperature: float = 0.0, batch_size: int = 8, tools: list[dict] | None = None,
+             prefill: str = "") -> list[str]:
     """Greedy by default (deterministic). Each prompt is a message list or a plain user string;
-    `tools` (function schemas) are rendered by the chat template, as in training."""
+    `tools` (function schemas) are rendered by the chat template, as in training; `prefill` is the
+    replies' forced start (written after the generation prompt, not repeated in the output)."""
     import torch
 
-    texts = [render_prompt(tok, [{"role": "user", "content": p}] if isinstance(p, str) else p, tools)
+    texts = [render_prompt(tok, [{"role": "user", "content": p}] if isinstance(p, str) else p, tools) + prefill
              for p in prompts]
     side = tok.padding_side
     tok.padding_side = "left"  # decoder-only batches must end where generation starts

@@ -219,6 +219,23 @@ def prefill(template: str | None, must_call: str | None) -> str:
     return f'{{"name": {json.dumps(must_call)}, "{key}":' if must_call else '{"name":'
 
 
+def cli_choice(schemas: list[dict] | None, value: str | None) -> tuple[list[dict], str | None]:
+    """`generate --tool-choice auto|none|required|NAME` -> (the tools to offer, what the reply must call)."""
+    from ftkit.errors import UserError
+
+    choice = value if value in (None, "auto", "none", "required") else {"type": "function", "function": {"name": value}}
+    try:
+        return choose(choice, schemas or [])
+    except ValueError as exc:
+        raise UserError(f"--tool-choice: {exc}; give --tools FILE with the function in it") from None
+
+
+def reply_json(reply: str, start: str, template: str | None, offered: bool) -> str:
+    """One `generate --tools` reply as an OpenAI message JSON (parsed for calls when tools were offered)."""
+    msg = message(start + reply, template)[0] if offered else {"role": "assistant", "content": reply}
+    return json.dumps(msg, ensure_ascii=False)
+
+
 def message(text: str, template: str | None) -> tuple[dict, bool]:
     """The assistant message of a non-streamed reply, and whether it made tool calls."""
     content, calls = parse(text, template)

@@ -163,3 +163,20 @@ def test_named_choice_on_the_tiny_model_writes_the_call_start(tiny_model):
     text = tok.apply_chat_template(USER, tools=WEATHER, tokenize=False, add_generation_prompt=True) + start
     assert r.usage.prompt_tokens == len(tok(text, add_special_tokens=False)["input_ids"])
     assert r.choices[0].message.content.startswith(start) and not r.choices[0].message.tool_calls
+
+
+def test_generate_tool_choice(tmp_path, tiny_model):
+    """`ftkit generate --tool-choice NAME` writes the call's start after the prompt and prints the reply
+    as a message starting with it; a name not in --tools is exit 2 before the model loads."""
+    from conftest import ftkit
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(WEATHER))
+    res = ftkit("generate", str(tiny_model), "--tools", str(tools), "--tool-choice", "get_news", "-p", "hi")
+    assert res.returncode == 2 and "--tool-choice" in res.stderr and "'get_news', which is not among" in res.stderr
+    assert "Traceback" not in res.stderr and "loading" not in res.stderr
+    res = ftkit("generate", str(tiny_model), "--tools", str(tools), "--tool-choice", "get_weather", "-p", "hi",
+                "--max-new-tokens", "3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    start = prefill(None, "get_weather")  # the tiny model's own template has no <tool_call> markers
+    assert json.loads(res.stdout.strip().splitlines()[-1])["content"].startswith(start)
