@@ -716,6 +716,13 @@ def _retype_method(data: dict, origin: dict[tuple, str], where: str) -> list[str
     return dropped
 
 
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError:  # e.g. a name longer than the filesystem allows (a fuzz finding): nothing there to read
+        return False
+
+
 def resolve_path(value: str, recipe_file: str | None) -> Path:
     """A relative data path is looked up from the working directory, then beside the recipe."""
     try:
@@ -723,10 +730,10 @@ def resolve_path(value: str, recipe_file: str | None) -> Path:
     except RuntimeError:  # `~name/...` for a user this machine does not have (a fuzz finding)
         raise UserError(f"{value}: no user {value.split('/')[0][1:]!r} on this machine to expand "
                         f"{value.split('/')[0]!r} for; write the path out in full") from None
-    if p.is_absolute() or p.exists() or recipe_file is None:
+    if p.is_absolute() or _exists(p) or recipe_file is None:
         return p
     beside = Path(recipe_file).parent / p
-    return beside if beside.exists() else p
+    return beside if _exists(beside) else p
 
 
 def as_list(value: str | list[str] | None) -> list[str]:
@@ -746,12 +753,12 @@ def check_files(recipe: Recipe) -> None:
     for field in ("train", "eval"):
         value = getattr(recipe.data, field)
         for i, item in enumerate(as_list(value)):
-            if not resolve_path(item, src).exists() and not is_hub_id(item):
+            if not _exists(resolve_path(item, src)) and not is_hub_id(item):
                 path = ("data", field) if isinstance(value, str) else ("data", field, i)
                 label = ".".join(map(str, path)).replace(f".{i}", f"[{i}]") if len(path) == 3 else f"data.{field}"
                 problems.append(f"{recipe.where(*path)}: {label}: file not found: {item}")
     name = recipe.model.name
-    if (name.endswith(".gguf") or name.startswith((".", "/", "~"))) and not resolve_path(name, src).exists():
+    if (name.endswith(".gguf") or name.startswith((".", "/", "~"))) and not _exists(resolve_path(name, src)):
         problems.append(f"{recipe.where('model', 'name')}: model.name: path not found: {name}")
     if problems:
         raise UserError("\n".join(problems))

@@ -220,3 +220,12 @@ def test_cli_path_of_an_unknown_user_is_exit_2(tmp_path):
     res = CliRunner().invoke(app, ["export", "~no-such-user-ftkit/run", "--format", "safetensors",
                                    "--output", str(tmp_path / "out")])
     assert res.exit_code == 2 and "for a user this machine does not have" in res.output, res.output
+
+
+@pytest.mark.parametrize("item", ["data.train=" + "a" * 300 + ".jsonl", "model.name=/" + "b" * 300])
+def test_path_longer_than_the_filesystem_allows_is_not_found(item):
+    # Fuzz finding (pipeline): Path.exists() raised OSError ENAMETOOLONG from check_files.
+    from ftkit.recipe import check_files
+
+    with pytest.raises(UserError, match="not found"):
+        check_files(load_recipe(None, ["data.train=x.jsonl", item]))
