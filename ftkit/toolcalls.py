@@ -22,6 +22,15 @@ _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
 
 
+def _json_string(body: str) -> str | None:
+    """The text of a JSON string's body, None when it is not valid JSON (a control character, a bad escape):
+    such a name is not announced, and the block is judged whole at its end."""
+    try:
+        return json.loads(f'"{body}"')
+    except ValueError:
+        return None
+
+
 def style(template: str | None) -> str:
     return "tagged" if template and OPEN in template else "json"
 
@@ -112,12 +121,12 @@ class ToolStream:
 
     def _header(self) -> list[dict]:
         m = _HEADER.match(self.held)
-        if m:
+        name = _json_string(m.group(1)) if m else None
+        if name is not None:
             self.mode, self.scan, self.held = "args", JsonObjectScan(), self.held[m.end():]
             self.calls += 1
             return [{"tool_calls": [{"index": self.calls - 1, "id": f"call_{uuid.uuid4().hex[:24]}",
-                                     "type": "function", "function": {"name": json.loads(f'"{m.group(1)}"'),
-                                                                      "arguments": ""}}]}]
+                                     "type": "function", "function": {"name": name, "arguments": ""}}]}]
         end = self.held.find(CLOSE)
         if end < 0:
             return []

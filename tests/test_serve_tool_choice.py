@@ -105,7 +105,11 @@ def test_stream_cut_inside_a_call_does_not_finish_as_tool_calls(canned):
 
 
 @pytest.mark.parametrize("text", [CALL, "plain <tool_ text", "<tool_call>\n{broken}\n</tool_call> after",
-                                  '<tool_call>\n{"arguments": {"a": 1}, "name": "f"}\n</tool_call>'])
+                                  '<tool_call>\n{"arguments": {"a": 1}, "name": "f"}\n</tool_call>',
+                                  # fuzz findings: a name that is no JSON string (a control character, a bad
+                                  # escape) ended the stream with a JSONDecodeError
+                                  '<tool_call>\n{"name": "ge\x07t", "arguments": {"a": 1}}\n</tool_call>',
+                                  '<tool_call>\n{"name": "g\\q", "arguments": {"a": 1}}\n</tool_call>'])
 def test_stream_pieces_add_up_to_the_whole_reply(text):
     """However the text is cut into pieces, the stream says what the non-streamed parse says."""
     from ftkit.toolcalls import parse
